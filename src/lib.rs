@@ -1,3 +1,6 @@
 //! kurz: a URL shortener built as a high-performance redirect front tier.
 //!
 //! The crate map, one line per module (see README.md, "Architecture", for how they fit):
+
+pub mod fsutil;
+pub mod store;

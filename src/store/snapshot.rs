@@ -1,0 +1,903 @@
+//! The snapshot file: every link at one point of the WAL, as an rkyv archive that is
+//! memory-mapped and read in place.
+//!
+//! Owns the file format, the header and its checksums, the open-addressing table inside the
+//! archive, the builder that writes a file (temp file, fsync, rename, fsync dir) and the reader
+//! that maps one. Never deserialises links into the heap: a lookup is one hash probe into the
+//! mapped table plus one read of the link's bytes.
+//!
+//! File layout, format version 1:
+//!
+//! ```text
+//! 0   magic "KURZSNAP"            8 bytes
+//! 8   format version (u32 LE)     = 1
+//! 12  header bytes (u32 LE)       = 64
+//! 16  covered WAL seq (u64 LE)    every WAL record with seq <= this is in the file
+//! 24  link count (u64 LE)         tombstones included
+//! 32  body bytes (u64 LE)         length of the rkyv archive that follows the header
+//! 40  body crc32c (u32 LE)
+//! 44  reserved (u32)              = 0
+//! 48  written at, unix ms (u64 LE)
+//! 56  header crc32c (u32 LE)      over bytes 0..56
+//! 60  reserved (u32)              = 0
+//! 64  rkyv archive of SnapshotBody
+//! ```
+//!
+//! The body is columnar so that a link costs little more than its own bytes: `slots` is an
+//! open-addressing (linear probing) table of 16-byte entries at most 80% full, `text` holds every
+//! code and URL back to back, and `extras` holds the rarely used fields (expiry, click cap,
+//! update time) of the few links that have them, sorted by slot for binary search.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use hashbrown::HashTable;
+use memmap2::Mmap;
+use rkyv::rancor;
+use rkyv::ser::writer::IoWriter;
+use rkyv::{Archive, Serialize};
+
+use super::link::{LinkMeta, LinkStatus, LinkView, RedirectStatus};
+use crate::fsutil;
+
+const MAGIC: &[u8; 8] = b"KURZSNAP";
+const FORMAT_VERSION: u32 = 1;
+/// A multiple of 16, so the archive that follows keeps the alignment of the page-aligned map.
+pub const HEADER_BYTES: usize = 64;
+/// Slots are at most this full; linear probing stays short (about 3 probes for a hit).
+const SLOT_LOAD_PERCENT_MAX: u64 = 80;
+const TEXT_OFFSET_BITS: u32 = 40;
+const TEXT_OFFSET_MASK: u64 = (1 << TEXT_OFFSET_BITS) - 1;
+/// The largest text region the slot format can address (1 TiB).
+const TEXT_BYTES_MAX: u64 = 1 << TEXT_OFFSET_BITS;
+const CODE_BYTES_MAX: usize = u8::MAX as usize;
+const URL_BYTES_MAX: usize = u16::MAX as usize;
+const WRITE_BUFFER_BYTES: usize = 1 << 20;
+
+const FLAG_STATUS_MASK: u8 = 0b0000_0011;
+const FLAG_REDIRECT_SHIFT: u8 = 2;
+const FLAG_REDIRECT_MASK: u8 = 0b0001_1100;
+const FLAG_FORWARD_QUERY: u8 = 1 << 5;
+const FLAG_CUSTOM: u8 = 1 << 6;
+const FLAG_HAS_EXTRA: u8 = 1 << 7;
+const EXTRA_NO_EXPIRY: i64 = i64::MIN;
+const EXTRA_NO_CLICK_CAP: u64 = u64::MAX;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("snapshot {path}: not a kurz snapshot (bad magic bytes)")]
+    BadMagic { path: PathBuf },
+    #[error("snapshot {path}: format version {found} is not supported (this build reads {FORMAT_VERSION})")]
+    UnsupportedVersion { path: PathBuf, found: u32 },
+    #[error("snapshot {path}: header checksum mismatch (the header is corrupt)")]
+    HeaderChecksum { path: PathBuf },
+    #[error("snapshot {path}: file is {actual_bytes} bytes but its header says {expected_bytes} (truncated or padded)")]
+    Length {
+        path: PathBuf,
+        expected_bytes: u64,
+        actual_bytes: u64,
+    },
+    #[error("snapshot {path}: body checksum mismatch (stored {stored:#010x}, computed {computed:#010x}); the file is corrupt")]
+    BodyChecksum {
+        path: PathBuf,
+        stored: u32,
+        computed: u32,
+    },
+    #[error("snapshot {path}: archive is invalid: {detail}")]
+    Archive { path: PathBuf, detail: String },
+    #[error("snapshot {path}: the header counts {header} links but the table holds {table}")]
+    CountMismatch {
+        path: PathBuf,
+        header: u64,
+        table: u64,
+    },
+}
+
+/// Why a link cannot go into a snapshot being built.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AddError {
+    #[error("code {0:?} is already in the snapshot")]
+    Duplicate(String),
+    #[error("code is {0} bytes; a snapshot holds codes of 1 to {CODE_BYTES_MAX} bytes")]
+    CodeLength(usize),
+    #[error("URL is {0} bytes; a snapshot holds URLs of at most {URL_BYTES_MAX} bytes")]
+    UrlLength(usize),
+    #[error("the snapshot's text region is full ({TEXT_BYTES_MAX} bytes)")]
+    TextFull,
+}
+
+/// What the header of a snapshot file says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnapshotHeader {
+    pub covered_seq: u64,
+    pub link_count: u64,
+    pub body_bytes: u64,
+    pub body_crc32c: u32,
+    pub written_at_ms: u64,
+}
+
+impl SnapshotHeader {
+    fn encode(&self) -> [u8; HEADER_BYTES] {
+        let mut bytes = [0u8; HEADER_BYTES];
+        bytes[0..8].copy_from_slice(MAGIC);
+        bytes[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        bytes[12..16].copy_from_slice(&(HEADER_BYTES as u32).to_le_bytes());
+        bytes[16..24].copy_from_slice(&self.covered_seq.to_le_bytes());
+        bytes[24..32].copy_from_slice(&self.link_count.to_le_bytes());
+        bytes[32..40].copy_from_slice(&self.body_bytes.to_le_bytes());
+        bytes[40..44].copy_from_slice(&self.body_crc32c.to_le_bytes());
+        bytes[48..56].copy_from_slice(&self.written_at_ms.to_le_bytes());
+        let header_crc = crc32c::crc32c(&bytes[0..56]);
+        bytes[56..60].copy_from_slice(&header_crc.to_le_bytes());
+        bytes
+    }
+
+    fn decode(path: &Path, bytes: &[u8]) -> Result<SnapshotHeader, SnapshotError> {
+        let too_short = || SnapshotError::Length {
+            path: path.to_owned(),
+            expected_bytes: HEADER_BYTES as u64,
+            actual_bytes: bytes.len() as u64,
+        };
+        if bytes.len() < 8 || &bytes[0..8] != MAGIC {
+            return if bytes.len() < 8 {
+                Err(too_short())
+            } else {
+                Err(SnapshotError::BadMagic {
+                    path: path.to_owned(),
+                })
+            };
+        }
+        if bytes.len() < HEADER_BYTES {
+            return Err(too_short());
+        }
+        let version = read_u32(bytes, 8);
+        if version != FORMAT_VERSION {
+            return Err(SnapshotError::UnsupportedVersion {
+                path: path.to_owned(),
+                found: version,
+            });
+        }
+        if read_u32(bytes, 56) != crc32c::crc32c(&bytes[0..56])
+            || read_u32(bytes, 12) != HEADER_BYTES as u32
+        {
+            return Err(SnapshotError::HeaderChecksum {
+                path: path.to_owned(),
+            });
+        }
+        Ok(SnapshotHeader {
+            covered_seq: read_u64(bytes, 16),
+            link_count: read_u64(bytes, 24),
+            body_bytes: read_u64(bytes, 32),
+            body_crc32c: read_u32(bytes, 40),
+            written_at_ms: read_u64(bytes, 48),
+        })
+    }
+}
+
+fn read_u32(bytes: &[u8], at: usize) -> u32 {
+    let mut word = [0u8; 4];
+    word.copy_from_slice(&bytes[at..at + 4]);
+    u32::from_le_bytes(word)
+}
+
+fn read_u64(bytes: &[u8], at: usize) -> u64 {
+    let mut word = [0u8; 8];
+    word.copy_from_slice(&bytes[at..at + 8]);
+    u64::from_le_bytes(word)
+}
+
+/// One entry of the open-addressing table. `code_len == 0` marks an empty slot.
+#[derive(Archive, Serialize, Clone, Copy, Default)]
+struct Slot {
+    /// Low 40 bits: offset of the code in `text` (the URL follows it). High 24 bits: a tag from
+    /// the code's hash, so most probes that miss never touch `text`.
+    text_offset_and_tag: u64,
+    url_len: u16,
+    code_len: u8,
+    flags: u8,
+    created_at_s: u32,
+}
+
+/// The rarely used fields of a link, kept out of the slot so that most links cost 16 bytes.
+#[derive(Archive, Serialize, Clone, Copy)]
+struct Extra {
+    slot: u32,
+    created_at_s: i64,
+    updated_at_s: i64,
+    expires_at_s: i64,
+    max_clicks: u64,
+}
+
+#[derive(Archive, Serialize)]
+struct SnapshotBody {
+    slots: Vec<Slot>,
+    text: Vec<u8>,
+    extras: Vec<Extra>,
+}
+
+/// The hash that places codes in the table. Part of the file format: changing it needs a new
+/// format version. Word-at-a-time multiply-rotate with a murmur3 finaliser; codes are short.
+pub fn code_hash(code: &[u8]) -> u64 {
+    const K: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut hash = (code.len() as u64).wrapping_mul(K);
+    let mut chunks = code.chunks_exact(8);
+    for chunk in &mut chunks {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        hash = (hash ^ u64::from_le_bytes(word))
+            .wrapping_mul(K)
+            .rotate_left(29);
+    }
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        let mut word = [0u8; 8];
+        word[..rest.len()].copy_from_slice(rest);
+        hash = (hash ^ u64::from_le_bytes(word))
+            .wrapping_mul(K)
+            .rotate_left(29);
+    }
+    hash ^= hash >> 33;
+    hash = hash.wrapping_mul(0xFF51_AFD7_ED55_8CCD);
+    hash ^= hash >> 33;
+    hash = hash.wrapping_mul(0xC4CE_B9FE_1A85_EC53);
+    hash ^ (hash >> 33)
+}
+
+fn home_slot(hash: u64, slot_count: usize) -> usize {
+    (((hash >> 32) * slot_count as u64) >> 32) as usize
+}
+
+fn hash_tag(hash: u64) -> u64 {
+    (hash & 0xFF_FFFF) << TEXT_OFFSET_BITS
+}
+
+fn encode_flags(meta: &LinkMeta, has_extra: bool) -> u8 {
+    let status = match meta.status {
+        LinkStatus::Active => 0,
+        LinkStatus::Disabled => 1,
+        LinkStatus::Deleted => 2,
+    };
+    let redirect = match meta.redirect_status {
+        None => 0,
+        Some(RedirectStatus::MovedPermanently) => 1,
+        Some(RedirectStatus::Found) => 2,
+        Some(RedirectStatus::TemporaryRedirect) => 3,
+        Some(RedirectStatus::PermanentRedirect) => 4,
+    };
+    let mut flags = status | (redirect << FLAG_REDIRECT_SHIFT);
+    if meta.forward_query {
+        flags |= FLAG_FORWARD_QUERY;
+    }
+    if meta.custom {
+        flags |= FLAG_CUSTOM;
+    }
+    if has_extra {
+        flags |= FLAG_HAS_EXTRA;
+    }
+    flags
+}
+
+fn decode_status(flags: u8) -> LinkStatus {
+    match flags & FLAG_STATUS_MASK {
+        0 => LinkStatus::Active,
+        1 => LinkStatus::Disabled,
+        _ => LinkStatus::Deleted,
+    }
+}
+
+fn decode_redirect(flags: u8) -> Option<RedirectStatus> {
+    match (flags & FLAG_REDIRECT_MASK) >> FLAG_REDIRECT_SHIFT {
+        1 => Some(RedirectStatus::MovedPermanently),
+        2 => Some(RedirectStatus::Found),
+        3 => Some(RedirectStatus::TemporaryRedirect),
+        4 => Some(RedirectStatus::PermanentRedirect),
+        _ => None,
+    }
+}
+
+/// A link accepted by the builder, waiting for its slot.
+struct PendingEntry {
+    hash: u64,
+    text_start: u64,
+    url_len: u16,
+    code_len: u8,
+    flags: u8,
+    created_at_s: u32,
+    /// Index into `extras`, or `u32::MAX`.
+    extra: u32,
+}
+
+/// Collects links and writes them as a snapshot file. Refuses duplicates as they are added, so
+/// an importer can report the offending line.
+pub struct SnapshotBuilder {
+    entries: Vec<PendingEntry>,
+    extras: Vec<Extra>,
+    text: Vec<u8>,
+    index: HashTable<u32>,
+    live_count: u64,
+}
+
+impl Default for SnapshotBuilder {
+    fn default() -> Self {
+        SnapshotBuilder::with_capacity(0, 0)
+    }
+}
+
+impl SnapshotBuilder {
+    pub fn with_capacity(links: usize, text_bytes: usize) -> SnapshotBuilder {
+        SnapshotBuilder {
+            entries: Vec::with_capacity(links),
+            extras: Vec::new(),
+            text: Vec::with_capacity(text_bytes),
+            index: HashTable::with_capacity(links),
+            live_count: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Links added that are not tombstones.
+    pub fn live_count(&self) -> u64 {
+        self.live_count
+    }
+
+    fn code_of(&self, entry: &PendingEntry) -> &[u8] {
+        let start = entry.text_start as usize;
+        &self.text[start..start + entry.code_len as usize]
+    }
+
+    pub fn contains(&self, code: &str) -> bool {
+        let hash = code_hash(code.as_bytes());
+        self.index
+            .find(hash, |&id| {
+                self.code_of(&self.entries[id as usize]) == code.as_bytes()
+            })
+            .is_some()
+    }
+
+    /// Adds one link. Deleted links (tombstones) keep their code but not their URL.
+    pub fn add(&mut self, link: LinkView<'_>) -> Result<(), AddError> {
+        let code = link.code.as_bytes();
+        let url: &[u8] = if link.meta.status == LinkStatus::Deleted {
+            &[]
+        } else {
+            link.long_url.as_bytes()
+        };
+        if code.is_empty() || code.len() > CODE_BYTES_MAX {
+            return Err(AddError::CodeLength(code.len()));
+        }
+        if url.len() > URL_BYTES_MAX {
+            return Err(AddError::UrlLength(url.len()));
+        }
+        let text_start = self.text.len() as u64;
+        if text_start + (code.len() + url.len()) as u64 > TEXT_BYTES_MAX {
+            return Err(AddError::TextFull);
+        }
+        let hash = code_hash(code);
+        let entries = &self.entries;
+        let text = &self.text;
+        let same_code = |id: &u32| {
+            let entry = &entries[*id as usize];
+            let start = entry.text_start as usize;
+            &text[start..start + entry.code_len as usize] == code
+        };
+        if self.index.find(hash, same_code).is_some() {
+            return Err(AddError::Duplicate(link.code.to_owned()));
+        }
+        let meta = &link.meta;
+        let created_fits = u32::try_from(meta.created_at_s).is_ok();
+        let has_extra = !created_fits
+            || meta.updated_at_s != meta.created_at_s
+            || meta.expires_at_s.is_some()
+            || meta.max_clicks.is_some();
+        let extra = if has_extra {
+            self.extras.push(Extra {
+                slot: u32::MAX,
+                created_at_s: meta.created_at_s,
+                updated_at_s: meta.updated_at_s,
+                expires_at_s: meta.expires_at_s.unwrap_or(EXTRA_NO_EXPIRY),
+                max_clicks: meta.max_clicks.unwrap_or(EXTRA_NO_CLICK_CAP),
+            });
+            (self.extras.len() - 1) as u32
+        } else {
+            u32::MAX
+        };
+        let id = self.entries.len() as u32;
+        self.entries.push(PendingEntry {
+            hash,
+            text_start,
+            url_len: url.len() as u16,
+            code_len: code.len() as u8,
+            flags: encode_flags(meta, has_extra),
+            created_at_s: u32::try_from(meta.created_at_s).unwrap_or(0),
+            extra,
+        });
+        self.text.extend_from_slice(code);
+        self.text.extend_from_slice(url);
+        if meta.status != LinkStatus::Deleted {
+            self.live_count += 1;
+        }
+        let entries = &self.entries;
+        self.index
+            .insert_unique(hash, id, |&id| entries[id as usize].hash);
+        Ok(())
+    }
+
+    /// Lays out the table and writes the file at `path` (temp file, fsync, rename, fsync dir).
+    pub fn write(self, path: &Path, covered_seq: u64) -> Result<SnapshotHeader, SnapshotError> {
+        let link_count = self.entries.len() as u64;
+        let body = self.into_body();
+        let io_error = |source| SnapshotError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let temp_path = fsutil::temp_path(path);
+        let result = write_body(&temp_path, &body, covered_seq, link_count);
+        let header = match result {
+            Ok(header) => header,
+            Err(source) => {
+                // Best effort: a half-written temp file must not linger; the original is untouched.
+                let _ = fs::remove_file(&temp_path);
+                return Err(io_error(source));
+            }
+        };
+        fsutil::rename_durably(&temp_path, path).map_err(io_error)?;
+        Ok(header)
+    }
+
+    fn into_body(self) -> SnapshotBody {
+        let slot_count = (self.entries.len() as u64 * 100 / SLOT_LOAD_PERCENT_MAX + 1) as usize;
+        let mut slots = vec![Slot::default(); slot_count];
+        let mut extras = self.extras;
+        for entry in &self.entries {
+            let mut at = home_slot(entry.hash, slot_count);
+            while slots[at].code_len != 0 {
+                at = if at + 1 == slot_count { 0 } else { at + 1 };
+            }
+            slots[at] = Slot {
+                text_offset_and_tag: entry.text_start | hash_tag(entry.hash),
+                url_len: entry.url_len,
+                code_len: entry.code_len,
+                flags: entry.flags,
+                created_at_s: entry.created_at_s,
+            };
+            if entry.extra != u32::MAX {
+                extras[entry.extra as usize].slot = at as u32;
+            }
+        }
+        extras.sort_unstable_by_key(|extra| extra.slot);
+        SnapshotBody {
+            slots,
+            text: self.text,
+            extras,
+        }
+    }
+}
+
+/// A writer that keeps a running crc32c and byte count of what passes through it.
+struct ChecksumWriter<W> {
+    inner: W,
+    crc32c: u32,
+    bytes: u64,
+}
+
+impl<W: Write> Write for ChecksumWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let written = self.inner.write(buf)?;
+        self.crc32c = crc32c::crc32c_append(self.crc32c, &buf[..written]);
+        self.bytes += written as u64;
+        Ok(written)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn write_body(
+    temp_path: &Path,
+    body: &SnapshotBody,
+    covered_seq: u64,
+    link_count: u64,
+) -> io::Result<SnapshotHeader> {
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(temp_path)?;
+    let mut buffered = BufWriter::with_capacity(WRITE_BUFFER_BYTES, file);
+    buffered.write_all(&[0u8; HEADER_BYTES])?;
+    let checksummed = ChecksumWriter {
+        inner: buffered,
+        crc32c: 0,
+        bytes: 0,
+    };
+    let checksummed =
+        rkyv::api::high::to_bytes_in::<_, rancor::Error>(body, IoWriter::new(checksummed))
+            .map_err(io::Error::other)?
+            .into_inner();
+    let header = SnapshotHeader {
+        covered_seq,
+        link_count,
+        body_bytes: checksummed.bytes,
+        body_crc32c: checksummed.crc32c,
+        written_at_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|elapsed| elapsed.as_millis() as u64)
+            .unwrap_or(0),
+    };
+    let mut file = checksummed.inner.into_inner().map_err(|e| e.into_error())?;
+    file.seek(SeekFrom::Start(0))?;
+    file.write_all(&header.encode())?;
+    file.sync_all()?;
+    Ok(header)
+}
+
+/// A mapped, verified snapshot file. Lookups read the mapping in place.
+pub struct Snapshot {
+    path: PathBuf,
+    header: SnapshotHeader,
+    map: Mmap,
+    /// The archive's table size, cached so lookups do not re-read it.
+    slot_count: usize,
+    live_count: u64,
+}
+
+impl Snapshot {
+    /// Maps `path` and verifies it before trusting it: magic, version, header checksum, length,
+    /// body checksum, archive structure and link count.
+    pub fn open(path: &Path) -> Result<Snapshot, SnapshotError> {
+        let io_error = |source| SnapshotError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let mut file = File::open(path).map_err(io_error)?;
+        let mut header_bytes = Vec::with_capacity(HEADER_BYTES);
+        Read::by_ref(&mut file)
+            .take(HEADER_BYTES as u64)
+            .read_to_end(&mut header_bytes)
+            .map_err(io_error)?;
+        let header = SnapshotHeader::decode(path, &header_bytes)?;
+        let actual_bytes = file.metadata().map_err(io_error)?.len();
+        let expected_bytes = HEADER_BYTES as u64 + header.body_bytes;
+        if actual_bytes != expected_bytes {
+            return Err(SnapshotError::Length {
+                path: path.to_owned(),
+                expected_bytes,
+                actual_bytes,
+            });
+        }
+        // SAFETY: the data dir lock keeps other kurz processes from writing this file, and kurz
+        // only ever replaces a snapshot by renaming a new file over it, so the mapped inode's
+        // bytes do not change while the map lives.
+        let map = unsafe { Mmap::map(&file) }.map_err(io_error)?;
+        let body = &map[HEADER_BYTES..];
+        let computed = crc32c::crc32c(body);
+        if computed != header.body_crc32c {
+            return Err(SnapshotError::BodyChecksum {
+                path: path.to_owned(),
+                stored: header.body_crc32c,
+                computed,
+            });
+        }
+        let archive = rkyv::access::<ArchivedSnapshotBody, rancor::Error>(body).map_err(|e| {
+            SnapshotError::Archive {
+                path: path.to_owned(),
+                detail: e.to_string(),
+            }
+        })?;
+        let slot_count = archive.slots.len();
+        let mut table = 0u64;
+        let mut live_count = 0u64;
+        for slot in archive.slots.iter().filter(|slot| slot.code_len != 0) {
+            table += 1;
+            if decode_status(slot.flags) != LinkStatus::Deleted {
+                live_count += 1;
+            }
+        }
+        if table != header.link_count || slot_count as u64 <= header.link_count {
+            return Err(SnapshotError::CountMismatch {
+                path: path.to_owned(),
+                header: header.link_count,
+                table,
+            });
+        }
+        #[cfg(unix)]
+        {
+            // Lookups hit random pages; read-ahead would only evict useful ones.
+            let _ = map.advise(memmap2::Advice::Random);
+        }
+        Ok(Snapshot {
+            path: path.to_owned(),
+            header,
+            map,
+            slot_count,
+            live_count,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn header(&self) -> &SnapshotHeader {
+        &self.header
+    }
+
+    /// Links in the file that are not tombstones.
+    pub fn live_count(&self) -> u64 {
+        self.live_count
+    }
+
+    pub fn file_bytes(&self) -> u64 {
+        self.map.len() as u64
+    }
+
+    fn body(&self) -> &ArchivedSnapshotBody {
+        // SAFETY: `open` validated exactly these bytes with `rkyv::access` (bytecheck), and the
+        // mapping is immutable for its lifetime (see the SAFETY note in `open`).
+        unsafe { rkyv::access_unchecked::<ArchivedSnapshotBody>(&self.map[HEADER_BYTES..]) }
+    }
+
+    /// Finds `code` with one probe sequence into the mapped table.
+    pub fn lookup(&self, code: &str) -> Option<LinkView<'_>> {
+        let body = self.body();
+        let code = code.as_bytes();
+        let hash = code_hash(code);
+        let tag = hash_tag(hash);
+        let mut at = home_slot(hash, self.slot_count);
+        // The table always has an empty slot, so the probe ends; the bound guards corrupt input.
+        for _ in 0..self.slot_count {
+            let slot = &body.slots[at];
+            let code_len = slot.code_len;
+            if code_len == 0 {
+                return None;
+            }
+            let word = slot.text_offset_and_tag.to_native();
+            if word & !TEXT_OFFSET_MASK == tag && code_len as usize == code.len() {
+                let start = (word & TEXT_OFFSET_MASK) as usize;
+                if body.text.get(start..start + code.len()) == Some(code) {
+                    return self.view(body, at, slot);
+                }
+            }
+            at = if at + 1 == self.slot_count { 0 } else { at + 1 };
+        }
+        None
+    }
+
+    /// Every link in the file, tombstones included, in table order.
+    pub fn iter(&self) -> impl Iterator<Item = LinkView<'_>> + '_ {
+        let body = self.body();
+        body.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, slot)| slot.code_len != 0)
+            .filter_map(move |(at, slot)| self.view(body, at, slot))
+    }
+
+    fn view<'a>(
+        &'a self,
+        body: &'a ArchivedSnapshotBody,
+        at: usize,
+        slot: &ArchivedSlot,
+    ) -> Option<LinkView<'a>> {
+        let start = (slot.text_offset_and_tag.to_native() & TEXT_OFFSET_MASK) as usize;
+        let code_end = start + slot.code_len as usize;
+        let url_end = code_end + slot.url_len.to_native() as usize;
+        let code = std::str::from_utf8(body.text.get(start..code_end)?).ok()?;
+        let long_url = std::str::from_utf8(body.text.get(code_end..url_end)?).ok()?;
+        let flags = slot.flags;
+        let created_at_s = i64::from(slot.created_at_s.to_native());
+        let mut meta = LinkMeta {
+            created_at_s,
+            updated_at_s: created_at_s,
+            expires_at_s: None,
+            max_clicks: None,
+            redirect_status: decode_redirect(flags),
+            status: decode_status(flags),
+            custom: flags & FLAG_CUSTOM != 0,
+            forward_query: flags & FLAG_FORWARD_QUERY != 0,
+        };
+        if flags & FLAG_HAS_EXTRA != 0 {
+            let found = body
+                .extras
+                .binary_search_by_key(&(at as u32), |extra| extra.slot.to_native());
+            if let Ok(index) = found {
+                let extra = &body.extras[index];
+                meta.created_at_s = extra.created_at_s.to_native();
+                meta.updated_at_s = extra.updated_at_s.to_native();
+                let expires_at_s = extra.expires_at_s.to_native();
+                meta.expires_at_s = (expires_at_s != EXTRA_NO_EXPIRY).then_some(expires_at_s);
+                let max_clicks = extra.max_clicks.to_native();
+                meta.max_clicks = (max_clicks != EXTRA_NO_CLICK_CAP).then_some(max_clicks);
+            }
+        }
+        Some(LinkView {
+            code,
+            long_url,
+            meta,
+        })
+    }
+}
+
+/// Reads only the header of a snapshot file, for `inspect` and `verify`.
+pub fn read_header(path: &Path) -> Result<SnapshotHeader, SnapshotError> {
+    let mut file = File::open(path).map_err(|source| SnapshotError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut header_bytes = Vec::with_capacity(HEADER_BYTES);
+    Read::by_ref(&mut file)
+        .take(HEADER_BYTES as u64)
+        .read_to_end(&mut header_bytes)
+        .map_err(|source| SnapshotError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+    SnapshotHeader::decode(path, &header_bytes)
+}
+
+/// Whether `bytes` begin like a snapshot file.
+pub fn has_magic(bytes: &[u8]) -> bool {
+    bytes.starts_with(MAGIC)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link(code: &str, url: &str) -> crate::store::link::Link {
+        crate::store::link::Link {
+            code: code.to_owned(),
+            long_url: url.to_owned(),
+            meta: LinkMeta::new(1_700_000_000),
+        }
+    }
+
+    fn build(links: &[crate::store::link::Link], path: &Path) -> Snapshot {
+        let mut builder = SnapshotBuilder::default();
+        for link in links {
+            builder.add(link.view()).expect("add");
+        }
+        builder.write(path, 42).expect("write");
+        Snapshot::open(path).expect("open")
+    }
+
+    #[test]
+    fn finds_every_link_and_no_other() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("snapshot.kurz");
+        let links: Vec<_> = (0..5000)
+            .map(|i| link(&format!("c{i}"), &format!("https://example.com/{i}")))
+            .collect();
+        let snapshot = build(&links, &path);
+        assert_eq!(snapshot.header().covered_seq, 42);
+        assert_eq!(snapshot.header().link_count, 5000);
+        for l in &links {
+            assert_eq!(snapshot.lookup(&l.code), Some(l.view()));
+        }
+        assert_eq!(snapshot.lookup("c5000"), None);
+        assert_eq!(snapshot.lookup("nope"), None);
+        assert_eq!(snapshot.iter().count(), 5000);
+    }
+
+    #[test]
+    fn keeps_every_field() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("snapshot.kurz");
+        let mut rich = link("rich", "https://example.com/rich");
+        rich.meta = LinkMeta {
+            created_at_s: -5,
+            updated_at_s: 9_000_000_000,
+            expires_at_s: Some(1_800_000_000),
+            max_clicks: Some(1000),
+            redirect_status: Some(RedirectStatus::PermanentRedirect),
+            status: LinkStatus::Disabled,
+            custom: true,
+            forward_query: true,
+        };
+        let mut gone = link("gone", "https://example.com/gone");
+        gone.meta.status = LinkStatus::Deleted;
+        let snapshot = build(&[rich.clone(), gone.clone()], &path);
+        assert_eq!(snapshot.lookup("rich"), Some(rich.view()));
+        let found = snapshot.lookup("gone").expect("tombstone kept");
+        assert_eq!(found.meta.status, LinkStatus::Deleted);
+        assert_eq!(found.long_url, "");
+    }
+
+    #[test]
+    fn empty_snapshot_opens() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let snapshot = build(&[], &dir.path().join("s"));
+        assert_eq!(snapshot.lookup("x"), None);
+        assert_eq!(snapshot.iter().count(), 0);
+    }
+
+    #[test]
+    fn builder_refuses_duplicates_and_oversized_fields() {
+        let mut builder = SnapshotBuilder::default();
+        builder.add(link("a", "https://a/").view()).expect("add");
+        assert_eq!(
+            builder.add(link("a", "https://b/").view()),
+            Err(AddError::Duplicate("a".into()))
+        );
+        assert_eq!(
+            builder.add(link("", "https://b/").view()),
+            Err(AddError::CodeLength(0))
+        );
+        let long = "x".repeat(URL_BYTES_MAX + 1);
+        assert_eq!(
+            builder.add(link("b", &long).view()),
+            Err(AddError::UrlLength(long.len()))
+        );
+        assert!(builder.contains("a"));
+        assert!(!builder.contains("b"));
+    }
+
+    fn corrupt_and_open(mutate: impl FnOnce(&mut Vec<u8>)) -> SnapshotError {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("snapshot.kurz");
+        build(&[link("abc", "https://example.com/")], &path);
+        let mut bytes = fs::read(&path).expect("read");
+        mutate(&mut bytes);
+        fs::write(&path, &bytes).expect("write");
+        let error = Snapshot::open(&path).err().expect("must be refused");
+        assert_eq!(fs::read(&path).expect("read"), bytes, "file left as it was");
+        error
+    }
+
+    #[test]
+    fn refuses_bad_magic() {
+        let error = corrupt_and_open(|bytes| bytes[0] = b'X');
+        assert!(matches!(error, SnapshotError::BadMagic { .. }), "{error}");
+    }
+
+    #[test]
+    fn refuses_bad_header_checksum() {
+        let error = corrupt_and_open(|bytes| bytes[17] ^= 1);
+        assert!(
+            matches!(error, SnapshotError::HeaderChecksum { .. }),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn refuses_bad_body_checksum() {
+        let error = corrupt_and_open(|bytes| {
+            let last = bytes.len() - 30;
+            bytes[last] ^= 0x40;
+        });
+        assert!(
+            matches!(error, SnapshotError::BodyChecksum { .. }),
+            "{error}"
+        );
+        assert!(error.to_string().contains("snapshot.kurz"), "{error}");
+    }
+
+    #[test]
+    fn refuses_truncated_file() {
+        let error = corrupt_and_open(|bytes| bytes.truncate(bytes.len() - 1));
+        assert!(matches!(error, SnapshotError::Length { .. }), "{error}");
+        let error = corrupt_and_open(|bytes| bytes.truncate(20));
+        assert!(matches!(error, SnapshotError::Length { .. }), "{error}");
+    }
+
+    #[test]
+    fn hash_is_stable() {
+        // Part of the file format: these values must never change within format version 1.
+        assert_eq!(code_hash(b"abc"), 0x15de_8287_d520_5b8c);
+        assert_eq!(code_hash(b"0123456789abcdefXYZ"), 0x5111_e560_772c_cffb);
+        assert_ne!(code_hash(b"abc"), code_hash(b"abd"));
+        assert_ne!(code_hash(b"abcdefgh"), code_hash(b"abcdefgh\0"));
+    }
+}
