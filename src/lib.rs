@@ -3,4 +3,5 @@
 //! The crate map, one line per module (see README.md, "Architecture", for how they fit):
 
 pub mod fsutil;
+pub mod links;
 pub mod store;

@@ -927,7 +927,7 @@ mod tests {
         let last = bytes.len() - 1;
         bytes[last] ^= 0xFF;
         fs::write(&path, &bytes).expect("write");
-        let error = replay(dir.path(), 0, |_, _| {}).err().expect("refused");
+        let error = replay(dir.path(), 0, |_, _| {}).expect_err("refused");
         assert!(matches!(error, WalError::Corrupt { .. }), "{error}");
         assert!(error.to_string().contains("wal-00000000000000000001.log"));
     }
@@ -937,7 +937,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         write_links(dir.path(), 1, 3);
         write_links(dir.path(), 10, 3);
-        let error = replay(dir.path(), 0, |_, _| {}).err().expect("refused");
+        let error = replay(dir.path(), 0, |_, _| {}).expect_err("refused");
         assert!(
             matches!(
                 error,
