@@ -128,7 +128,7 @@ fn check_host(host: &Host<&str>, rules: &UrlRules) -> Result<(), LinkError> {
     match host {
         Host::Domain(domain) => {
             let domain = domain.trim_end_matches('.').to_ascii_lowercase();
-            if rules.own_hosts.iter().any(|own| *own == domain) {
+            if rules.own_hosts.contains(&domain) {
                 return Err(LinkError::OwnHost(domain));
             }
             let mut candidate = domain.as_str();
