@@ -54,6 +54,8 @@ pub enum StoreError {
     Busy(String),
     #[error("snapshot build: {0}")]
     Build(#[from] AddError),
+    #[error("the store was opened read-only")]
+    ReadOnly,
     #[error("a snapshot is already being written")]
     SnapshotInProgress,
 }
@@ -125,12 +127,13 @@ impl WalApply for SharedApply {
 pub struct Store {
     dir: PathBuf,
     shared: Arc<Shared>,
-    wal: WalWriter,
+    /// None when opened read-only.
+    wal: Option<WalWriter>,
     /// One snapshot cycle at a time.
     cycle: Mutex<()>,
     recovery: RecoveryReport,
-    /// Held (and flock-ed) for as long as the store is open.
-    _lock: File,
+    /// Held (and flock-ed) for as long as the store is open; None when read-only.
+    _lock: Option<File>,
 }
 
 fn io_error(path: &Path) -> impl Fn(io::Error) -> StoreError + '_ {
@@ -174,9 +177,24 @@ impl Store {
     /// Opens (or creates) the store in `dir`: locks it, maps the snapshot, replays the WAL
     /// (cutting a torn tail), and starts the WAL writer.
     pub fn open(dir: &Path, options: StoreOptions) -> Result<Store, StoreError> {
-        let started = Instant::now();
         let lock = lock_data_dir(dir)?;
         let snapshot = open_or_create_snapshot(dir)?;
+        Store::recover(dir, snapshot, Some((lock, options)))
+    }
+
+    /// Opens the store in `dir` for reading while another process may own it (export,
+    /// inspect): no lock, no WAL writer, and a damaged WAL tail is skipped, not cut.
+    pub fn open_read_only(dir: &Path) -> Result<Store, StoreError> {
+        let snapshot = Snapshot::open(&dir.join(SNAPSHOT_FILE))?;
+        Store::recover(dir, snapshot, None)
+    }
+
+    fn recover(
+        dir: &Path,
+        snapshot: Snapshot,
+        writable: Option<(File, StoreOptions)>,
+    ) -> Result<Store, StoreError> {
+        let started = Instant::now();
         let covered_seq = snapshot.header().covered_seq;
         let snapshot_links = snapshot.header().link_count;
         let live_links = snapshot.live_count() as i64;
@@ -186,19 +204,32 @@ impl Store {
             live_links: AtomicI64::new(live_links),
         });
         let wal_dir = dir.join(WAL_DIR);
-        let outcome = wal::replay(&wal_dir, covered_seq, |seq, link| shared.apply(seq, link))?;
+        let tail = if writable.is_some() {
+            wal::DamagedTail::Cut
+        } else {
+            wal::DamagedTail::Skip
+        };
+        let outcome = wal::replay(&wal_dir, covered_seq, tail, |seq, link| {
+            shared.apply(seq, link)
+        })?;
         if let Some((path, offset, reason)) = &outcome.cut {
             tracing::warn!(
-                "WAL {}: cut a damaged tail at byte {offset} ({reason}); every record before it was kept",
+                "WAL {}: damaged tail at byte {offset} ({reason}); every record before it was kept",
                 path.display()
             );
         }
-        let wal = WalWriter::start(
-            &wal_dir,
-            outcome.last_seq + 1,
-            options.fsync,
-            Box::new(SharedApply(shared.clone())),
-        )?;
+        let (lock, wal) = match writable {
+            Some((lock, options)) => {
+                let wal = WalWriter::start(
+                    &wal_dir,
+                    outcome.last_seq + 1,
+                    options.fsync,
+                    Box::new(SharedApply(shared.clone())),
+                )?;
+                (Some(lock), Some(wal))
+            }
+            None => (None, None),
+        };
         let recovery = RecoveryReport {
             snapshot_links,
             wal_records_replayed: outcome.applied,
@@ -214,6 +245,10 @@ impl Store {
             recovery,
             _lock: lock,
         })
+    }
+
+    fn writer(&self) -> Result<&WalWriter, StoreError> {
+        self.wal.as_ref().ok_or(StoreError::ReadOnly)
     }
 
     pub fn dir(&self) -> &Path {
@@ -290,7 +325,14 @@ impl Store {
     }
 
     async fn append(&self, link: Link) -> Result<u64, StoreError> {
-        match self.wal.append(link).await {
+        let writer = match self.writer() {
+            Ok(writer) => writer,
+            Err(error) => {
+                self.shared.overlay.roll_back(&link.code);
+                return Err(error);
+            }
+        };
+        match writer.append(link).await {
             Ok(Ok(seq)) => Ok(seq),
             Ok(Err(error)) => Err(error.into()),
             Err(_) => Err(WalError::Closed.into()),
@@ -314,8 +356,9 @@ impl Store {
         self.shared.snapshot.load().file_bytes()
     }
 
-    pub fn wal_stats(&self) -> &Arc<WalStats> {
-        self.wal.stats()
+    /// The WAL writer's counters; None when read-only.
+    pub fn wal_stats(&self) -> Option<&Arc<WalStats>> {
+        self.wal.as_ref().map(WalWriter::stats)
     }
 
     /// Calls `f` on every link, tombstones included, overlay state winning over the snapshot.
@@ -350,7 +393,7 @@ impl Store {
             .cycle
             .try_lock()
             .map_err(|_| E::from(StoreError::SnapshotInProgress))?;
-        let covered_seq = match self.wal.rotate().blocking_recv() {
+        let covered_seq = match self.writer()?.rotate().blocking_recv() {
             Ok(Ok(seq)) => seq,
             Ok(Err(error)) => return Err(StoreError::from(error).into()),
             Err(_) => return Err(StoreError::from(WalError::Closed).into()),
@@ -414,6 +457,8 @@ impl Store {
 
     /// Stops the WAL writer after it has written and synced everything queued.
     pub fn close(self) {
-        self.wal.shutdown();
+        if let Some(wal) = self.wal {
+            wal.shutdown();
+        }
     }
 }

@@ -366,12 +366,22 @@ pub struct ReplayOutcome {
     pub cut: Option<(PathBuf, u64, String)>,
 }
 
+/// What replay does with a damaged tail of the newest segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DamagedTail {
+    /// Truncate the file at the last good record (the owner of the data dir, at start-up).
+    Cut,
+    /// Stop reading there and leave the file alone (read-only readers).
+    Skip,
+}
+
 /// Replays every record with seq > `after_seq`, oldest first. A damaged tail of the newest
 /// segment is cut at the last good record (the file is truncated and synced); damage anywhere
 /// else is an error, because records after it were acknowledged.
 pub fn replay(
     dir: &Path,
     after_seq: u64,
+    tail: DamagedTail,
     mut apply: impl FnMut(u64, Link),
 ) -> Result<ReplayOutcome, WalError> {
     let segments = list_segments(dir)?;
@@ -409,7 +419,9 @@ pub fn replay(
                     reason,
                 });
             }
-            cut_tail(&segment.path, scan.valid_bytes)?;
+            if tail == DamagedTail::Cut {
+                cut_tail(&segment.path, scan.valid_bytes)?;
+            }
             outcome.cut = Some((segment.path.clone(), offset, reason));
         }
         previous_last = Some(scan.last_seq);
@@ -860,7 +872,10 @@ mod tests {
 
     fn replay_all(dir: &Path, after: u64) -> (Vec<(u64, Link)>, ReplayOutcome) {
         let mut seen = Vec::new();
-        let outcome = replay(dir, after, |seq, link| seen.push((seq, link))).expect("replay");
+        let outcome = replay(dir, after, DamagedTail::Cut, |seq, link| {
+            seen.push((seq, link))
+        })
+        .expect("replay");
         (seen, outcome)
     }
 
@@ -927,7 +942,7 @@ mod tests {
         let last = bytes.len() - 1;
         bytes[last] ^= 0xFF;
         fs::write(&path, &bytes).expect("write");
-        let error = replay(dir.path(), 0, |_, _| {}).expect_err("refused");
+        let error = replay(dir.path(), 0, DamagedTail::Cut, |_, _| {}).expect_err("refused");
         assert!(matches!(error, WalError::Corrupt { .. }), "{error}");
         assert!(error.to_string().contains("wal-00000000000000000001.log"));
     }
@@ -937,7 +952,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         write_links(dir.path(), 1, 3);
         write_links(dir.path(), 10, 3);
-        let error = replay(dir.path(), 0, |_, _| {}).expect_err("refused");
+        let error = replay(dir.path(), 0, DamagedTail::Cut, |_, _| {}).expect_err("refused");
         assert!(
             matches!(
                 error,
