@@ -83,7 +83,7 @@ enum Command {
         data: DataDirArg,
     },
     /// Load-test any HTTP server (kurz, nginx, HAProxy) and judge it against a p99 target.
-    Loadtest(loadtest::Args),
+    Loadtest(Box<loadtest::Args>),
 }
 
 fn main() -> ExitCode {
