@@ -23,10 +23,15 @@
 //! 64  rkyv archive of SnapshotBody
 //! ```
 //!
-//! The body is columnar so that a link costs little more than its own bytes: `slots` is an
-//! open-addressing (linear probing) table of 16-byte entries at most 80% full, `text` holds every
-//! code and URL back to back, and `extras` holds the rarely used fields (expiry, click cap,
-//! update time) of the few links that have them, sorted by slot for binary search.
+//! The body is laid out so that a link costs little more than its own bytes:
+//! - `slots`: an open-addressing (linear probing) table of 8-byte words, at most 87% full. A
+//!   word holds the offset of the link's record in `text` (low 40 bits) and a 24-bit tag from
+//!   the code's hash (high bits), so most probes that miss never leave the table; 0 is empty.
+//! - `text`: every link as one record, back to back, starting at offset 8 (so no record sits at
+//!   offset 0): `flags u8, code_len u8, url_len u16 LE, created_at_s u32 LE, code, url`. A hit
+//!   reads one record, usually one cache line.
+//! - `extras`: the rarely used fields (expiry, click cap, update time, out-of-range creation
+//!   time) of the few links that have them, sorted by record offset for binary search.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
@@ -46,8 +51,13 @@ const MAGIC: &[u8; 8] = b"KURZSNAP";
 const FORMAT_VERSION: u32 = 1;
 /// A multiple of 16, so the archive that follows keeps the alignment of the page-aligned map.
 pub const HEADER_BYTES: usize = 64;
-/// Slots are at most this full; linear probing stays short (about 3 probes for a hit).
-const SLOT_LOAD_PERCENT_MAX: u64 = 80;
+/// Slots are at most this full. Linear probing over 8-byte slots stays within one or two cache
+/// lines for a hit (about 4 probes on average) and a few lines for a miss.
+const SLOT_LOAD_PERCENT_MAX: u64 = 87;
+/// Bytes of a text record before its code: flags, code_len, url_len, created_at_s.
+const RECORD_HEADER_BYTES: usize = 8;
+/// `text` starts with this many unused bytes so that a slot word is never 0 for a record.
+const TEXT_START: usize = 8;
 const TEXT_OFFSET_BITS: u32 = 40;
 const TEXT_OFFSET_MASK: u64 = (1 << TEXT_OFFSET_BITS) - 1;
 /// The largest text region the slot format can address (1 TiB).
@@ -190,22 +200,11 @@ fn read_u64(bytes: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(word)
 }
 
-/// One entry of the open-addressing table. `code_len == 0` marks an empty slot.
-#[derive(Archive, Serialize, Clone, Copy, Default)]
-struct Slot {
-    /// Low 40 bits: offset of the code in `text` (the URL follows it). High 24 bits: a tag from
-    /// the code's hash, so most probes that miss never touch `text`.
-    text_offset_and_tag: u64,
-    url_len: u16,
-    code_len: u8,
-    flags: u8,
-    created_at_s: u32,
-}
-
-/// The rarely used fields of a link, kept out of the slot so that most links cost 16 bytes.
+/// The rarely used fields of a link, kept out of its record so that most links cost 8 bytes of
+/// metadata.
 #[derive(Archive, Serialize, Clone, Copy)]
 struct Extra {
-    slot: u32,
+    text_offset: u64,
     created_at_s: i64,
     updated_at_s: i64,
     expires_at_s: i64,
@@ -214,7 +213,7 @@ struct Extra {
 
 #[derive(Archive, Serialize)]
 struct SnapshotBody {
-    slots: Vec<Slot>,
+    slots: Vec<u64>,
     text: Vec<u8>,
     extras: Vec<Extra>,
 }
@@ -302,13 +301,7 @@ fn decode_redirect(flags: u8) -> Option<RedirectStatus> {
 /// A link accepted by the builder, waiting for its slot.
 struct PendingEntry {
     hash: u64,
-    text_start: u64,
-    url_len: u16,
-    code_len: u8,
-    flags: u8,
-    created_at_s: u32,
-    /// Index into `extras`, or `u32::MAX`.
-    extra: u32,
+    text_offset: u64,
 }
 
 /// Collects links and writes them as a snapshot file. Refuses duplicates as they are added, so
@@ -351,16 +344,11 @@ impl SnapshotBuilder {
         self.live_count
     }
 
-    fn code_of(&self, entry: &PendingEntry) -> &[u8] {
-        let start = entry.text_start as usize;
-        &self.text[start..start + entry.code_len as usize]
-    }
-
     pub fn contains(&self, code: &str) -> bool {
         let hash = code_hash(code.as_bytes());
         self.index
             .find(hash, |&id| {
-                self.code_of(&self.entries[id as usize]) == code.as_bytes()
+                record_code(&self.text, self.entries[id as usize].text_offset) == code.as_bytes()
             })
             .is_some()
     }
@@ -379,18 +367,18 @@ impl SnapshotBuilder {
         if url.len() > URL_BYTES_MAX {
             return Err(AddError::UrlLength(url.len()));
         }
-        let text_start = self.text.len() as u64;
-        if text_start + (code.len() + url.len()) as u64 > TEXT_BYTES_MAX {
+        if self.text.is_empty() {
+            self.text.resize(TEXT_START, 0);
+        }
+        let text_offset = self.text.len() as u64;
+        let record_bytes = (RECORD_HEADER_BYTES + code.len() + url.len()) as u64;
+        if text_offset + record_bytes > TEXT_BYTES_MAX {
             return Err(AddError::TextFull);
         }
         let hash = code_hash(code);
         let entries = &self.entries;
         let text = &self.text;
-        let same_code = |id: &u32| {
-            let entry = &entries[*id as usize];
-            let start = entry.text_start as usize;
-            &text[start..start + entry.code_len as usize] == code
-        };
+        let same_code = |id: &u32| record_code(text, entries[*id as usize].text_offset) == code;
         if self.index.find(hash, same_code).is_some() {
             return Err(AddError::Duplicate(link.code.to_owned()));
         }
@@ -400,28 +388,23 @@ impl SnapshotBuilder {
             || meta.updated_at_s != meta.created_at_s
             || meta.expires_at_s.is_some()
             || meta.max_clicks.is_some();
-        let extra = if has_extra {
+        if has_extra {
             self.extras.push(Extra {
-                slot: u32::MAX,
+                text_offset,
                 created_at_s: meta.created_at_s,
                 updated_at_s: meta.updated_at_s,
                 expires_at_s: meta.expires_at_s.unwrap_or(EXTRA_NO_EXPIRY),
                 max_clicks: meta.max_clicks.unwrap_or(EXTRA_NO_CLICK_CAP),
             });
-            (self.extras.len() - 1) as u32
-        } else {
-            u32::MAX
-        };
+        }
         let id = self.entries.len() as u32;
-        self.entries.push(PendingEntry {
-            hash,
-            text_start,
-            url_len: url.len() as u16,
-            code_len: code.len() as u8,
-            flags: encode_flags(meta, has_extra),
-            created_at_s: u32::try_from(meta.created_at_s).unwrap_or(0),
-            extra,
-        });
+        self.entries.push(PendingEntry { hash, text_offset });
+        self.text.push(encode_flags(meta, has_extra));
+        self.text.push(code.len() as u8);
+        self.text
+            .extend_from_slice(&(url.len() as u16).to_le_bytes());
+        let created_at_s = u32::try_from(meta.created_at_s).unwrap_or(0);
+        self.text.extend_from_slice(&created_at_s.to_le_bytes());
         self.text.extend_from_slice(code);
         self.text.extend_from_slice(url);
         if meta.status != LinkStatus::Deleted {
@@ -457,31 +440,30 @@ impl SnapshotBuilder {
 
     fn into_body(self) -> SnapshotBody {
         let slot_count = (self.entries.len() as u64 * 100 / SLOT_LOAD_PERCENT_MAX + 1) as usize;
-        let mut slots = vec![Slot::default(); slot_count];
-        let mut extras = self.extras;
+        let mut slots = vec![0u64; slot_count];
         for entry in &self.entries {
             let mut at = home_slot(entry.hash, slot_count);
-            while slots[at].code_len != 0 {
+            while slots[at] != 0 {
                 at = if at + 1 == slot_count { 0 } else { at + 1 };
             }
-            slots[at] = Slot {
-                text_offset_and_tag: entry.text_start | hash_tag(entry.hash),
-                url_len: entry.url_len,
-                code_len: entry.code_len,
-                flags: entry.flags,
-                created_at_s: entry.created_at_s,
-            };
-            if entry.extra != u32::MAX {
-                extras[entry.extra as usize].slot = at as u32;
-            }
+            slots[at] = entry.text_offset | hash_tag(entry.hash);
         }
-        extras.sort_unstable_by_key(|extra| extra.slot);
+        let mut extras = self.extras;
+        extras.sort_unstable_by_key(|extra| extra.text_offset);
         SnapshotBody {
             slots,
             text: self.text,
             extras,
         }
     }
+}
+
+/// The code of the record at `offset` (empty if the record is out of bounds).
+fn record_code(text: &[u8], offset: u64) -> &[u8] {
+    let start = offset as usize;
+    let code_len = text.get(start + 1).copied().unwrap_or(0) as usize;
+    let code_start = start + RECORD_HEADER_BYTES;
+    text.get(code_start..code_start + code_len).unwrap_or(&[])
 }
 
 /// A writer that keeps a running crc32c and byte count of what passes through it.
@@ -597,15 +579,16 @@ impl Snapshot {
             }
         })?;
         let slot_count = archive.slots.len();
-        let mut table = 0u64;
-        let mut live_count = 0u64;
-        for slot in archive.slots.iter().filter(|slot| slot.code_len != 0) {
-            table += 1;
-            if decode_status(slot.flags) != LinkStatus::Deleted {
-                live_count += 1;
-            }
-        }
-        if table != header.link_count || slot_count as u64 <= header.link_count {
+        let table = archive
+            .slots
+            .iter()
+            .filter(|word| word.to_native() != 0)
+            .count() as u64;
+        let (records, live_count) = count_records(&archive.text);
+        if table != header.link_count
+            || records != header.link_count
+            || slot_count as u64 <= header.link_count
+        {
             return Err(SnapshotError::CountMismatch {
                 path: path.to_owned(),
                 header: header.link_count,
@@ -658,16 +641,14 @@ impl Snapshot {
         let mut at = home_slot(hash, self.slot_count);
         // The table always has an empty slot, so the probe ends; the bound guards corrupt input.
         for _ in 0..self.slot_count {
-            let slot = &body.slots[at];
-            let code_len = slot.code_len;
-            if code_len == 0 {
+            let word = body.slots[at].to_native();
+            if word == 0 {
                 return None;
             }
-            let word = slot.text_offset_and_tag.to_native();
-            if word & !TEXT_OFFSET_MASK == tag && code_len as usize == code.len() {
-                let start = (word & TEXT_OFFSET_MASK) as usize;
-                if body.text.get(start..start + code.len()) == Some(code) {
-                    return self.view(body, at, slot);
+            if word & !TEXT_OFFSET_MASK == tag {
+                let offset = word & TEXT_OFFSET_MASK;
+                if record_code(&body.text, offset) == code {
+                    return view(body, offset);
                 }
             }
             at = if at + 1 == self.slot_count { 0 } else { at + 1 };
@@ -680,54 +661,72 @@ impl Snapshot {
         let body = self.body();
         body.slots
             .iter()
-            .enumerate()
-            .filter(|(_, slot)| slot.code_len != 0)
-            .filter_map(move |(at, slot)| self.view(body, at, slot))
+            .map(|word| word.to_native())
+            .filter(|word| *word != 0)
+            .filter_map(move |word| view(body, word & TEXT_OFFSET_MASK))
     }
+}
 
-    fn view<'a>(
-        &'a self,
-        body: &'a ArchivedSnapshotBody,
-        at: usize,
-        slot: &ArchivedSlot,
-    ) -> Option<LinkView<'a>> {
-        let start = (slot.text_offset_and_tag.to_native() & TEXT_OFFSET_MASK) as usize;
-        let code_end = start + slot.code_len as usize;
-        let url_end = code_end + slot.url_len.to_native() as usize;
-        let code = std::str::from_utf8(body.text.get(start..code_end)?).ok()?;
-        let long_url = std::str::from_utf8(body.text.get(code_end..url_end)?).ok()?;
-        let flags = slot.flags;
-        let created_at_s = i64::from(slot.created_at_s.to_native());
-        let mut meta = LinkMeta {
-            created_at_s,
-            updated_at_s: created_at_s,
-            expires_at_s: None,
-            max_clicks: None,
-            redirect_status: decode_redirect(flags),
-            status: decode_status(flags),
-            custom: flags & FLAG_CUSTOM != 0,
-            forward_query: flags & FLAG_FORWARD_QUERY != 0,
-        };
-        if flags & FLAG_HAS_EXTRA != 0 {
-            let found = body
-                .extras
-                .binary_search_by_key(&(at as u32), |extra| extra.slot.to_native());
-            if let Ok(index) = found {
-                let extra = &body.extras[index];
-                meta.created_at_s = extra.created_at_s.to_native();
-                meta.updated_at_s = extra.updated_at_s.to_native();
-                let expires_at_s = extra.expires_at_s.to_native();
-                meta.expires_at_s = (expires_at_s != EXTRA_NO_EXPIRY).then_some(expires_at_s);
-                let max_clicks = extra.max_clicks.to_native();
-                meta.max_clicks = (max_clicks != EXTRA_NO_CLICK_CAP).then_some(max_clicks);
-            }
+/// Counts the records in `text` by walking it front to back: (records, live records).
+fn count_records(text: &[u8]) -> (u64, u64) {
+    let mut records = 0u64;
+    let mut live = 0u64;
+    let mut at = TEXT_START;
+    while let Some(header) = text.get(at..at + RECORD_HEADER_BYTES) {
+        records += 1;
+        if decode_status(header[0]) != LinkStatus::Deleted {
+            live += 1;
         }
-        Some(LinkView {
-            code,
-            long_url,
-            meta,
-        })
+        let url_len = u16::from_le_bytes([header[2], header[3]]) as usize;
+        at += RECORD_HEADER_BYTES + header[1] as usize + url_len;
     }
+    (records, live)
+}
+
+/// The link whose record starts at `offset`, or None if the record is out of bounds or not
+/// UTF-8 (which a verified file never is).
+fn view(body: &ArchivedSnapshotBody, offset: u64) -> Option<LinkView<'_>> {
+    let start = offset as usize;
+    let text = &body.text[..];
+    let header = text.get(start..start + RECORD_HEADER_BYTES)?;
+    let flags = header[0];
+    let code_start = start + RECORD_HEADER_BYTES;
+    let url_start = code_start + header[1] as usize;
+    let url_end = url_start + u16::from_le_bytes([header[2], header[3]]) as usize;
+    let code = std::str::from_utf8(text.get(code_start..url_start)?).ok()?;
+    let long_url = std::str::from_utf8(text.get(url_start..url_end)?).ok()?;
+    let created_at_s = i64::from(u32::from_le_bytes([
+        header[4], header[5], header[6], header[7],
+    ]));
+    let mut meta = LinkMeta {
+        created_at_s,
+        updated_at_s: created_at_s,
+        expires_at_s: None,
+        max_clicks: None,
+        redirect_status: decode_redirect(flags),
+        status: decode_status(flags),
+        custom: flags & FLAG_CUSTOM != 0,
+        forward_query: flags & FLAG_FORWARD_QUERY != 0,
+    };
+    if flags & FLAG_HAS_EXTRA != 0 {
+        let found = body
+            .extras
+            .binary_search_by_key(&offset, |extra| extra.text_offset.to_native());
+        if let Ok(index) = found {
+            let extra = &body.extras[index];
+            meta.created_at_s = extra.created_at_s.to_native();
+            meta.updated_at_s = extra.updated_at_s.to_native();
+            let expires_at_s = extra.expires_at_s.to_native();
+            meta.expires_at_s = (expires_at_s != EXTRA_NO_EXPIRY).then_some(expires_at_s);
+            let max_clicks = extra.max_clicks.to_native();
+            meta.max_clicks = (max_clicks != EXTRA_NO_CLICK_CAP).then_some(max_clicks);
+        }
+    }
+    Some(LinkView {
+        code,
+        long_url,
+        meta,
+    })
 }
 
 /// Reads only the header of a snapshot file, for `inspect` and `verify`.
