@@ -169,6 +169,10 @@ struct Connection {
     measured: bool,
     /// This connection's copy of the create request, rewritten before each create.
     create: Vec<u8>,
+    /// Responses received on the current socket.
+    responses_here: u64,
+    /// The read in flight is waiting for a new connection to be sent again (see `fail`).
+    resend: bool,
 }
 
 struct Worker<'a> {
@@ -215,6 +219,8 @@ impl<'a> Worker<'a> {
                 connect_started: now,
                 measured: false,
                 create: shared.workload.create_template(),
+                responses_here: 0,
+                resend: false,
             })
             .collect();
         let requests_left = match plan.stop {
@@ -385,6 +391,7 @@ impl<'a> Worker<'a> {
         let connection = &mut self.connections[index];
         connection.filled = 0;
         connection.reader.reset();
+        connection.responses_here = 0;
         connection.connect_started = now;
         let result = TcpStream::connect(self.shared.addr).and_then(|mut stream| {
             stream.set_nodelay(true)?;
@@ -416,10 +423,19 @@ impl<'a> Worker<'a> {
         match stream.peer_addr() {
             Ok(_) => {
                 self.connect_failures_in_row = 0;
-                self.connections[index].phase = Phase::Idle;
-                // While the connections are being opened nothing is sent; the run's start sends.
-                if self.warmup_end.is_some() {
-                    self.send_next(index, now);
+                let connection = &mut self.connections[index];
+                if connection.resend {
+                    connection.resend = false;
+                    connection.written = 0;
+                    connection.sent_at = now;
+                    connection.phase = Phase::Writing;
+                    self.write(index);
+                } else {
+                    connection.phase = Phase::Idle;
+                    // While the connections are being opened nothing is sent; the start sends.
+                    if self.warmup_end.is_some() {
+                        self.send_next(index, now);
+                    }
                 }
             }
             Err(error) if error.kind() == io::ErrorKind::NotConnected => {}
@@ -429,6 +445,11 @@ impl<'a> Worker<'a> {
 
     fn connect_failed(&mut self, index: usize, error: io::Error, now: Instant) {
         self.stats_at(now).record_error(ErrorKind::Connect);
+        if self.connections[index].resend {
+            // The read waiting to be sent again has no connection to go on: it failed.
+            self.connections[index].resend = false;
+            self.record_failure(index, ErrorKind::Closed);
+        }
         self.connect_failures_in_row += 1;
         self.last_connect_error = error.to_string();
         self.close(index);
@@ -636,6 +657,7 @@ impl<'a> Worker<'a> {
         };
         stats.record_response(status, latency_us);
         connection.phase = Phase::Idle;
+        connection.responses_here += 1;
         self.in_flight -= 1;
         if close {
             self.reconnect(index, now);
@@ -645,8 +667,29 @@ impl<'a> Worker<'a> {
     }
 
     /// The request in flight failed: count it and start over on a new connection.
+    ///
+    /// Except in one case, as HTTP clients do: a server may close a keep-alive connection that
+    /// it considers idle just as a request goes out on it, and then nothing of a response has
+    /// come. A read (idempotent) caught that way is sent once more on a new connection, its
+    /// latency still counted from its first send (or intended send).
     fn fail(&mut self, index: usize, kind: ErrorKind) {
         let now = Instant::now();
+        let connection = &mut self.connections[index];
+        let closed_under_it = matches!(kind, ErrorKind::Closed | ErrorKind::Io)
+            && connection.responses_here > 0
+            && connection.filled == 0
+            && connection.reader.is_at_head()
+            && matches!(connection.request, Pick::Read(_));
+        if closed_under_it {
+            connection.resend = true;
+            connection.phase = Phase::Idle;
+            return self.reconnect(index, now);
+        }
+        self.record_failure(index, kind);
+        self.reconnect(index, now);
+    }
+
+    fn record_failure(&mut self, index: usize, kind: ErrorKind) {
         let connection = &mut self.connections[index];
         let stats = if connection.measured {
             &mut self.measured
@@ -656,7 +699,6 @@ impl<'a> Worker<'a> {
         stats.record_error(kind);
         connection.phase = Phase::Idle;
         self.in_flight -= 1;
-        self.reconnect(index, now);
     }
 
     /// Fails requests and connection attempts that have waited longer than the timeout.

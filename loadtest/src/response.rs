@@ -82,6 +82,11 @@ impl ResponseReader {
         *self = Self::default();
     }
 
+    /// True before any byte of the head has been accepted.
+    pub fn is_at_head(&self) -> bool {
+        self.state == State::Head
+    }
+
     /// Feeds the unconsumed bytes received so far.
     pub fn advance(&mut self, input: &[u8]) -> Result<Parsed, ResponseError> {
         let mut consumed = 0;
@@ -125,11 +130,10 @@ impl ResponseReader {
     }
 
     /// The server closed the connection: returns the status if that ends the response in flight
-    /// (a body delimited by the close), else `None` (the response was cut short).
-    pub fn finish_on_close(&mut self) -> Option<u16> {
-        let status = (self.state == State::UntilClose).then_some(self.status);
-        self.reset();
-        status
+    /// (a body delimited by the close), else `None` (the response was cut short). The state is
+    /// left as it was, for the caller to inspect; a new connection resets it.
+    pub fn finish_on_close(&self) -> Option<u16> {
+        (self.state == State::UntilClose).then_some(self.status)
     }
 
     /// Parses the head at the start of `input`; returns its length once complete and sets the
@@ -373,7 +377,10 @@ mod tests {
             })
         );
         assert_eq!(reader.finish_on_close(), Some(302));
+        assert!(!reader.is_at_head());
+        reader.reset();
         assert_eq!(reader.finish_on_close(), None);
+        assert!(reader.is_at_head());
     }
 
     #[test]
