@@ -2,7 +2,12 @@
 //!
 //! The crate map, one line per module (see README.md, "Architecture", for how they fit):
 
+pub mod analytics;
+pub mod auth;
+pub mod config;
 pub mod datafile;
 pub mod fsutil;
+pub mod http;
 pub mod links;
+pub mod metrics;
 pub mod store;

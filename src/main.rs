@@ -84,6 +84,11 @@ enum Command {
     },
     /// Load-test any HTTP server (kurz, nginx, HAProxy) and judge it against a p99 target.
     Loadtest(Box<loadtest::Args>),
+    /// Serve redirects, the JSON API and the admin listener (stops on SIGTERM/SIGINT).
+    Serve(Box<kurz::config::ServeArgs>),
+    /// Create, list and revoke API keys (the keys file stores only their SHA-256).
+    #[command(subcommand)]
+    Keys(kurz::auth::KeysCommand),
 }
 
 fn main() -> ExitCode {
@@ -127,6 +132,16 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(_) => Ok(ExitCode::from(1)),
             Err(error) => bail!(error),
         },
+        Command::Serve(args) => {
+            kurz::http::server::run(kurz::config::ServeConfig::load(*args)?)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keys(command) => {
+            for line in kurz::auth::run_keys_command(&command)? {
+                println!("{line}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -1,0 +1,440 @@
+//! The configuration of `kurz serve`: command-line flags, `KURZ_*` environment variables and an
+//! optional TOML file (`--config FILE`), merged in that order of precedence into one validated
+//! [`ServeConfig`]. Owns parsing and validation of settings; never opens a listener or the store.
+
+use std::collections::HashSet;
+use std::fs;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::links::codegen::CODE_LEN_DEFAULT;
+use crate::links::validate::{self, UrlRules, CODE_BYTES_MAX, URL_BYTES_MAX_DEFAULT};
+use crate::store::link::RedirectStatus;
+use crate::store::wal::FsyncPolicy;
+
+pub const DATA_DIR_DEFAULT: &str = "./data";
+pub const LISTEN_DEFAULT: &str = "127.0.0.1:8080";
+pub const ADMIN_LISTEN_DEFAULT: &str = "127.0.0.1:8081";
+pub const KEYS_FILE_NAME: &str = "keys";
+pub const CACHE_MAX_AGE_S_DEFAULT: u64 = 86_400;
+pub const BODY_BYTES_MAX_DEFAULT: usize = 16 * 1024;
+pub const BATCH_BODY_BYTES_MAX_DEFAULT: usize = 4 * 1024 * 1024;
+pub const RATE_LIMIT_PER_S_DEFAULT: f64 = 50.0;
+pub const RATE_LIMIT_BURST_DEFAULT: u32 = 200;
+pub const CONNECTIONS_MAX_DEFAULT: usize = 10_000;
+pub const TIMEOUT_HEADER_READ_MS_DEFAULT: u64 = 10_000;
+pub const TIMEOUT_SHUTDOWN_MS_DEFAULT: u64 = 10_000;
+/// Largest accepted blocklist file; a bigger one is almost certainly the wrong file.
+const BLOCKLIST_BYTES_MAX: u64 = 64 * 1024 * 1024;
+/// Largest accepted TOML config file.
+const CONFIG_BYTES_MAX: u64 = 1024 * 1024;
+const WORKERS_MAX: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is {bytes} bytes; the limit is {max} (is it the right file?)")]
+    TooLarge { path: PathBuf, bytes: u64, max: u64 },
+    #[error("config file {path}: {message}")]
+    Toml { path: PathBuf, message: String },
+    #[error("invalid setting {name}: {message}")]
+    Invalid { name: &'static str, message: String },
+}
+
+fn invalid(name: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        name,
+        message: message.into(),
+    }
+}
+
+/// `kurz serve`: every flag can also come from its `KURZ_*` variable or from the TOML file given
+/// with `--config` (keys spelled like the flags, with `_` for `-`). Flags win over the
+/// environment, which wins over the file.
+#[derive(clap::Args, Deserialize, Debug, Default, Clone)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServeArgs {
+    /// TOML file with any of these settings (see deploy/kurz.toml).
+    #[arg(long, env = "KURZ_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Data directory holding snapshot.kurz and wal/ [default: ./data].
+    #[arg(long, env = "KURZ_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Address of the public listener (redirects and the JSON API) [default: 127.0.0.1:8080].
+    #[arg(long, env = "KURZ_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Address of the admin listener (metrics, snapshot, reload, info) [default: 127.0.0.1:8081].
+    /// Keep it on loopback or a private network.
+    #[arg(long, env = "KURZ_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+    /// API keys file (name, scope and SHA-256 of each key) [default: <data-dir>/keys].
+    #[arg(long, env = "KURZ_KEYS")]
+    pub keys: Option<PathBuf>,
+    /// Let clients without an API key create links (they are still rate limited per IP).
+    #[arg(long, env = "KURZ_ALLOW_ANONYMOUS_CREATE")]
+    pub allow_anonymous_create: bool,
+    /// Base of short_url in API answers, e.g. https://sho.rt [default: http://<listen>].
+    /// Its host is also refused as a link target (redirect loops).
+    #[arg(long, env = "KURZ_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// When the WAL is fsynced: always (a create is acknowledged after its fsync),
+    /// interval=MS, or never [default: always].
+    #[arg(long, env = "KURZ_FSYNC")]
+    pub fsync: Option<String>,
+    /// Worker threads of the async runtime [default: number of CPUs].
+    #[arg(long, env = "KURZ_WORKERS")]
+    pub workers: Option<usize>,
+    /// Redirect status of links that do not choose one: 301, 302, 307 or 308 [default: 302].
+    #[arg(long, env = "KURZ_REDIRECT_STATUS_DEFAULT")]
+    pub redirect_status_default: Option<u16>,
+    /// max-age of the Cache-Control header on 301 and 308 redirects, in seconds [default: 86400].
+    #[arg(long, env = "KURZ_CACHE_MAX_AGE_S")]
+    pub cache_max_age_s: Option<u64>,
+    /// Length of generated codes; grows by one after repeated collisions [default: 7].
+    #[arg(long, env = "KURZ_CODE_LENGTH")]
+    pub code_length: Option<usize>,
+    /// Longest accepted long URL, in bytes [default: 2048].
+    #[arg(long, env = "KURZ_URL_BYTES_MAX")]
+    pub url_bytes_max: Option<usize>,
+    /// File of blocked domains, one per line ('#' starts a comment); subdomains are blocked too.
+    #[arg(long, env = "KURZ_BLOCKLIST")]
+    pub blocklist: Option<PathBuf>,
+    /// Refuse long URLs whose host is a private, loopback or link-local address.
+    #[arg(long, env = "KURZ_REJECT_PRIVATE_ADDRESSES")]
+    pub reject_private_addresses: bool,
+    /// Comma-separated words no custom alias may be (replaces the default list:
+    /// api, admin, metrics, healthz, readyz, static, ...).
+    #[arg(long, env = "KURZ_RESERVED_WORDS", value_delimiter = ',')]
+    pub reserved_words: Option<Vec<String>>,
+    /// Largest accepted JSON body of a single API call, in bytes [default: 16384].
+    #[arg(long, env = "KURZ_BODY_BYTES_MAX")]
+    pub body_bytes_max: Option<usize>,
+    /// Largest accepted JSON body of POST /api/v1/shorten/batch, in bytes [default: 4194304].
+    #[arg(long, env = "KURZ_BATCH_BODY_BYTES_MAX")]
+    pub batch_body_bytes_max: Option<usize>,
+    /// Sustained link creations per second allowed per API key and per client IP [default: 50].
+    #[arg(long, env = "KURZ_RATE_LIMIT_PER_S")]
+    pub rate_limit_per_s: Option<f64>,
+    /// Creations a key or IP may make at once before the per-second rate applies [default: 200].
+    #[arg(long, env = "KURZ_RATE_LIMIT_BURST")]
+    pub rate_limit_burst: Option<u32>,
+    /// Open connections per listener; further clients wait in the accept backlog [default: 10000].
+    #[arg(long, env = "KURZ_CONNECTIONS_MAX")]
+    pub connections_max: Option<usize>,
+    /// Time a client has to send a request's headers, in ms; hyper applies it to idle
+    /// keep-alive connections too, so it is also the idle timeout [default: 10000].
+    #[arg(long, env = "KURZ_TIMEOUT_HEADER_READ_MS")]
+    pub timeout_header_read_ms: Option<u64>,
+    /// On SIGTERM/SIGINT, how long in-flight requests may take before the store is closed
+    /// anyway, in ms [default: 10000].
+    #[arg(long, env = "KURZ_TIMEOUT_SHUTDOWN_MS")]
+    pub timeout_shutdown_ms: Option<u64>,
+}
+
+impl ServeArgs {
+    /// Fills every setting not given on the command line or in the environment from `file`.
+    fn or(self, file: ServeArgs) -> ServeArgs {
+        ServeArgs {
+            config: self.config,
+            data_dir: self.data_dir.or(file.data_dir),
+            listen: self.listen.or(file.listen),
+            admin_listen: self.admin_listen.or(file.admin_listen),
+            keys: self.keys.or(file.keys),
+            allow_anonymous_create: self.allow_anonymous_create || file.allow_anonymous_create,
+            public_url: self.public_url.or(file.public_url),
+            fsync: self.fsync.or(file.fsync),
+            workers: self.workers.or(file.workers),
+            redirect_status_default: self
+                .redirect_status_default
+                .or(file.redirect_status_default),
+            cache_max_age_s: self.cache_max_age_s.or(file.cache_max_age_s),
+            code_length: self.code_length.or(file.code_length),
+            url_bytes_max: self.url_bytes_max.or(file.url_bytes_max),
+            blocklist: self.blocklist.or(file.blocklist),
+            reject_private_addresses: self.reject_private_addresses
+                || file.reject_private_addresses,
+            reserved_words: self.reserved_words.or(file.reserved_words),
+            body_bytes_max: self.body_bytes_max.or(file.body_bytes_max),
+            batch_body_bytes_max: self.batch_body_bytes_max.or(file.batch_body_bytes_max),
+            rate_limit_per_s: self.rate_limit_per_s.or(file.rate_limit_per_s),
+            rate_limit_burst: self.rate_limit_burst.or(file.rate_limit_burst),
+            connections_max: self.connections_max.or(file.connections_max),
+            timeout_header_read_ms: self.timeout_header_read_ms.or(file.timeout_header_read_ms),
+            timeout_shutdown_ms: self.timeout_shutdown_ms.or(file.timeout_shutdown_ms),
+        }
+    }
+}
+
+/// Everything `kurz serve` runs with, validated.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub keys_path: PathBuf,
+    pub allow_anonymous_create: bool,
+    /// Without a trailing '/'.
+    pub public_url: String,
+    /// False when `public_url` was derived from `--listen`; the server then rewrites it with the
+    /// port actually bound (which matters for `--listen 127.0.0.1:0`).
+    pub public_url_explicit: bool,
+    pub fsync: FsyncPolicy,
+    pub workers: usize,
+    pub redirect_status_default: RedirectStatus,
+    pub cache_max_age_s: u64,
+    pub code_len: usize,
+    pub url_rules: UrlRules,
+    pub reserved_words: Vec<String>,
+    pub body_bytes_max: usize,
+    pub batch_body_bytes_max: usize,
+    pub rate_limit_per_s: f64,
+    pub rate_limit_burst: u32,
+    pub connections_max: usize,
+    pub timeout_header_read_ms: u64,
+    pub timeout_shutdown_ms: u64,
+}
+
+fn read_bounded(path: &Path, bytes_max: u64) -> Result<String, ConfigError> {
+    let read_error = |source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let bytes = fs::metadata(path).map_err(read_error)?.len();
+    if bytes > bytes_max {
+        return Err(ConfigError::TooLarge {
+            path: path.to_owned(),
+            bytes,
+            max: bytes_max,
+        });
+    }
+    fs::read_to_string(path).map_err(read_error)
+}
+
+/// Reads a blocklist: one domain per line, '#' comments and blank lines ignored.
+pub fn read_blocklist(path: &Path) -> Result<HashSet<String>, ConfigError> {
+    let text = read_bounded(path, BLOCKLIST_BYTES_MAX)?;
+    Ok(text
+        .lines()
+        .map(|line| line.split('#').next().unwrap_or("").trim())
+        .filter(|line| !line.is_empty())
+        .map(|line| line.trim_end_matches('.').to_ascii_lowercase())
+        .collect())
+}
+
+fn public_host(public_url: &str) -> Result<String, ConfigError> {
+    let url = url::Url::parse(public_url)
+        .map_err(|error| invalid("public_url", format!("{public_url:?}: {error}")))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(invalid("public_url", "must be an http or https URL"));
+    }
+    url.host_str()
+        .map(|host| host.trim_matches(['[', ']']).to_ascii_lowercase())
+        .ok_or_else(|| invalid("public_url", "must have a host"))
+}
+
+impl ServeConfig {
+    /// Merges flags and environment (`args`) with the TOML file `args.config` names, applies the
+    /// defaults, and checks every setting.
+    pub fn load(args: ServeArgs) -> Result<ServeConfig, ConfigError> {
+        let args = match &args.config {
+            None => args,
+            Some(path) => {
+                let text = read_bounded(path, CONFIG_BYTES_MAX)?;
+                let file: ServeArgs = toml::from_str(&text).map_err(|error| ConfigError::Toml {
+                    path: path.clone(),
+                    message: error.to_string(),
+                })?;
+                args.or(file)
+            }
+        };
+        ServeConfig::validate(args)
+    }
+
+    fn validate(args: ServeArgs) -> Result<ServeConfig, ConfigError> {
+        let data_dir = args
+            .data_dir
+            .unwrap_or_else(|| PathBuf::from(DATA_DIR_DEFAULT));
+        let listen = match args.listen {
+            Some(listen) => listen,
+            None => LISTEN_DEFAULT
+                .parse()
+                .map_err(|_| invalid("listen", LISTEN_DEFAULT))?,
+        };
+        let admin_listen = match args.admin_listen {
+            Some(listen) => listen,
+            None => ADMIN_LISTEN_DEFAULT
+                .parse()
+                .map_err(|_| invalid("admin_listen", ADMIN_LISTEN_DEFAULT))?,
+        };
+        if listen == admin_listen && listen.port() != 0 {
+            return Err(invalid(
+                "admin_listen",
+                "must differ from --listen: the admin API is never served on the public listener",
+            ));
+        }
+        let keys_path = args.keys.unwrap_or_else(|| data_dir.join(KEYS_FILE_NAME));
+        let public_url_explicit = args.public_url.is_some();
+        let public_url = args
+            .public_url
+            .unwrap_or_else(|| format!("http://{listen}"))
+            .trim_end_matches('/')
+            .to_owned();
+        let own_host = public_host(&public_url)?;
+        let fsync = match args.fsync {
+            None => FsyncPolicy::Always,
+            Some(text) => text.parse().map_err(|message| invalid("fsync", message))?,
+        };
+        let workers = args
+            .workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        if !(1..=WORKERS_MAX).contains(&workers) {
+            return Err(invalid("workers", format!("must be 1 to {WORKERS_MAX}")));
+        }
+        let redirect_status_default = match args.redirect_status_default {
+            None => RedirectStatus::Found,
+            Some(code) => RedirectStatus::from_code(code).ok_or_else(|| {
+                invalid("redirect_status_default", "must be 301, 302, 307 or 308")
+            })?,
+        };
+        let code_len = args.code_length.unwrap_or(CODE_LEN_DEFAULT);
+        if !(1..=CODE_BYTES_MAX).contains(&code_len) {
+            return Err(invalid(
+                "code_length",
+                format!("must be 1 to {CODE_BYTES_MAX}"),
+            ));
+        }
+        let url_bytes_max = args.url_bytes_max.unwrap_or(URL_BYTES_MAX_DEFAULT);
+        if !(16..=64 * 1024).contains(&url_bytes_max) {
+            return Err(invalid("url_bytes_max", "must be 16 to 65536"));
+        }
+        let domains_blocked = match &args.blocklist {
+            None => HashSet::new(),
+            Some(path) => read_blocklist(path)?,
+        };
+        let reserved_words = args
+            .reserved_words
+            .map(|words| {
+                words
+                    .into_iter()
+                    .map(|word| word.trim().to_owned())
+                    .filter(|word| !word.is_empty())
+                    .collect()
+            })
+            .unwrap_or_else(validate::reserved_words_default);
+        let body_bytes_max = args.body_bytes_max.unwrap_or(BODY_BYTES_MAX_DEFAULT);
+        let batch_body_bytes_max = args
+            .batch_body_bytes_max
+            .unwrap_or(BATCH_BODY_BYTES_MAX_DEFAULT);
+        if body_bytes_max < 256 || batch_body_bytes_max < 256 {
+            return Err(invalid(
+                "body_bytes_max",
+                "body limits must be at least 256 bytes",
+            ));
+        }
+        let rate_limit_per_s = args.rate_limit_per_s.unwrap_or(RATE_LIMIT_PER_S_DEFAULT);
+        if !(rate_limit_per_s.is_finite() && rate_limit_per_s > 0.0) {
+            return Err(invalid("rate_limit_per_s", "must be a positive number"));
+        }
+        let rate_limit_burst = args.rate_limit_burst.unwrap_or(RATE_LIMIT_BURST_DEFAULT);
+        if rate_limit_burst == 0 {
+            return Err(invalid("rate_limit_burst", "must be at least 1"));
+        }
+        let connections_max = args.connections_max.unwrap_or(CONNECTIONS_MAX_DEFAULT);
+        if connections_max == 0 {
+            return Err(invalid("connections_max", "must be at least 1"));
+        }
+        let timeout_header_read_ms = args
+            .timeout_header_read_ms
+            .unwrap_or(TIMEOUT_HEADER_READ_MS_DEFAULT);
+        if timeout_header_read_ms == 0 {
+            return Err(invalid("timeout_header_read_ms", "must be at least 1"));
+        }
+        Ok(ServeConfig {
+            data_dir,
+            listen,
+            admin_listen,
+            keys_path,
+            allow_anonymous_create: args.allow_anonymous_create,
+            public_url,
+            public_url_explicit,
+            fsync,
+            workers,
+            redirect_status_default,
+            cache_max_age_s: args.cache_max_age_s.unwrap_or(CACHE_MAX_AGE_S_DEFAULT),
+            code_len,
+            url_rules: UrlRules {
+                url_bytes_max,
+                schemes_allowed: vec!["http".into(), "https".into()],
+                domains_blocked,
+                own_hosts: vec![own_host],
+                reject_private_addresses: args.reject_private_addresses,
+            },
+            reserved_words,
+            body_bytes_max,
+            batch_body_bytes_max,
+            rate_limit_per_s,
+            rate_limit_burst,
+            connections_max,
+            timeout_header_read_ms,
+            timeout_shutdown_ms: args
+                .timeout_shutdown_ms
+                .unwrap_or(TIMEOUT_SHUTDOWN_MS_DEFAULT),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let config = ServeConfig::load(ServeArgs::default()).expect("defaults");
+        assert_eq!(config.listen.to_string(), LISTEN_DEFAULT);
+        assert_eq!(config.public_url, "http://127.0.0.1:8080");
+        assert_eq!(config.keys_path, Path::new("./data/keys"));
+        assert_eq!(config.fsync, FsyncPolicy::Always);
+        assert_eq!(config.url_rules.own_hosts, vec!["127.0.0.1".to_owned()]);
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let file: ServeArgs = toml::from_str(
+            "listen = \"127.0.0.1:9000\"\ncode_length = 9\nreserved_words = [\"x\"]\n",
+        )
+        .expect("toml");
+        let flags = ServeArgs {
+            code_length: Some(5),
+            ..ServeArgs::default()
+        };
+        let config = ServeConfig::validate(flags.or(file)).expect("valid");
+        assert_eq!(config.code_len, 5);
+        assert_eq!(config.listen.port(), 9000);
+        assert_eq!(config.reserved_words, vec!["x".to_owned()]);
+    }
+
+    #[test]
+    fn refuses_bad_settings() {
+        let bad = |args: ServeArgs| ServeConfig::validate(args).is_err();
+        assert!(bad(ServeArgs {
+            fsync: Some("sometimes".into()),
+            ..ServeArgs::default()
+        }));
+        assert!(bad(ServeArgs {
+            redirect_status_default: Some(303),
+            ..ServeArgs::default()
+        }));
+        assert!(bad(ServeArgs {
+            public_url: Some("ftp://x".into()),
+            ..ServeArgs::default()
+        }));
+        assert!(toml::from_str::<ServeArgs>("no_such_setting = 1").is_err());
+    }
+}

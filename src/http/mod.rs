@@ -1,0 +1,180 @@
+//! The HTTP layer: listeners and connections (`server`), the redirect hot path (`redirect`), the
+//! JSON API (`api`), the admin listener (`admin`), and the shared state they all answer from
+//! ([`App`]). Turns requests into calls on `links` and the store; never touches a data file.
+
+pub mod admin;
+pub mod api;
+pub mod ratelimit;
+pub mod redirect;
+pub mod server;
+
+use std::sync::OnceLock;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::StatusCode;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use crate::analytics::ClickCounters;
+use crate::auth::{AuthError, Keys};
+use crate::config::{ConfigError, ServeConfig};
+use crate::metrics::Metrics;
+use crate::store::{Store, StoreError};
+use ratelimit::RateLimiter;
+
+pub type Body = Full<Bytes>;
+pub type Response = hyper::Response<Body>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Keys(#[from] AuthError),
+    #[error("cannot listen on {addr}: {source} (is another process using the port?)")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("cannot open the store: {0}")]
+    Store(#[from] StoreError),
+    #[error("the store opener stopped unexpectedly: {0}")]
+    Opener(String),
+}
+
+/// Everything a request handler may use. Shared by all connections of both listeners.
+pub struct App {
+    pub config: ServeConfig,
+    /// Set once the store is open and the WAL replayed; until then /readyz and data calls say 503.
+    store: OnceLock<Store>,
+    pub clicks: ClickCounters,
+    pub metrics: Metrics,
+    pub keys: Keys,
+    pub limiter: RateLimiter,
+    /// `public, max-age=N` for 301 and 308, built once.
+    cache_control_permanent: HeaderValue,
+    pub started_at: Instant,
+}
+
+impl App {
+    pub fn new(config: ServeConfig, keys: Keys) -> App {
+        let cache_control_permanent =
+            HeaderValue::from_str(&format!("public, max-age={}", config.cache_max_age_s))
+                .unwrap_or(HeaderValue::from_static("public, max-age=86400"));
+        App {
+            limiter: RateLimiter::new(config.rate_limit_per_s, config.rate_limit_burst),
+            config,
+            store: OnceLock::new(),
+            clicks: ClickCounters::default(),
+            metrics: Metrics::default(),
+            keys,
+            cache_control_permanent,
+            started_at: Instant::now(),
+        }
+    }
+
+    /// The store, once it is open.
+    pub fn store(&self) -> Option<&Store> {
+        self.store.get()
+    }
+
+    /// Hands the store over once it is open; returns false (and drops `store`) if one was
+    /// set before.
+    pub fn set_store(&self, store: Store) -> bool {
+        self.store.set(store).is_ok()
+    }
+
+    /// Takes the store back for closing.
+    pub fn into_store(self) -> Option<Store> {
+        self.store.into_inner()
+    }
+}
+
+/// Unix seconds now.
+pub fn now_s() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs() as i64)
+}
+
+/// RFC 3339 (UTC) text of unix seconds.
+pub fn rfc3339(unix_s: i64) -> String {
+    OffsetDateTime::from_unix_timestamp(unix_s)
+        .ok()
+        .and_then(|time| time.format(&Rfc3339).ok())
+        .unwrap_or_else(|| unix_s.to_string())
+}
+
+/// Unix seconds of an RFC 3339 timestamp.
+pub fn parse_rfc3339(text: &str) -> Option<i64> {
+    OffsetDateTime::parse(text, &Rfc3339)
+        .ok()
+        .map(|time| time.unix_timestamp())
+}
+
+/// Whether the client says it accepts JSON.
+pub fn accepts_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|accept| accept.to_str().ok())
+        .is_some_and(|accept| accept.contains("application/json") || accept.contains("+json"))
+}
+
+fn response(status: StatusCode, content_type: &'static str, body: Bytes) -> Response {
+    let mut response = hyper::Response::new(Full::new(body));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+/// A JSON answer.
+pub fn json(status: StatusCode, value: &serde_json::Value) -> Response {
+    let mut body = value.to_string().into_bytes();
+    body.push(b'\n');
+    response(status, "application/json", Bytes::from(body))
+}
+
+/// A plain-text answer.
+pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response {
+    response(status, "text/plain; charset=utf-8", body.into())
+}
+
+/// The `{"error","code"}` answer every API error carries.
+pub fn error_json(status: StatusCode, code: &str, message: &str) -> Response {
+    json(
+        status,
+        &serde_json::json!({ "error": message, "code": code }),
+    )
+}
+
+/// An error as JSON when the client accepts it, else as text.
+pub fn error_for(headers: &HeaderMap, status: StatusCode, code: &str, message: &str) -> Response {
+    if accepts_json(headers) {
+        error_json(status, code, message)
+    } else {
+        text(status, format!("{message}\n"))
+    }
+}
+
+/// `/healthz`: the process answers.
+pub fn healthz() -> Response {
+    text(StatusCode::OK, "ok\n")
+}
+
+/// `/readyz`: 200 once the store is open and the WAL replayed, 503 before.
+pub fn readyz(app: &App) -> Response {
+    match app.store() {
+        Some(_) => text(StatusCode::OK, "ready\n"),
+        None => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the store is opening\n",
+        ),
+    }
+}

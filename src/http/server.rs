@@ -1,0 +1,349 @@
+//! Listeners and connections: binds the public and admin listeners, opens the store in the
+//! background (so /healthz answers at once and /readyz says 503 until recovery is done), serves
+//! HTTP/1.1 with a header-read (and idle) timeout and a cap on open connections per listener, and
+//! shuts down gracefully on SIGTERM/SIGINT: stop accepting, let in-flight requests finish, then
+//! close the store so the WAL is flushed. Never answers a request itself beyond routing.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::Request;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+
+use super::{admin, api, redirect, App, Response, ServeError};
+use crate::auth::Keys;
+use crate::config::ServeConfig;
+use crate::datafile::{self, ImportOptions};
+use crate::metrics::Route;
+use crate::store::{Store, StoreOptions};
+
+/// Sample links imported on the first start of an empty data dir, for the quick start.
+pub const SAMPLE_LINKS_FILE: &str = "sample-links.tsv";
+/// Largest request head (request line and headers) hyper buffers; beyond it the client gets 431.
+const REQUEST_HEAD_BYTES_MAX: usize = 16 * 1024;
+const REQUEST_HEADERS_MAX: usize = 64;
+const LISTEN_BACKLOG: u32 = 1024;
+/// Pause after a failed accept (e.g. out of file descriptors) so the loop does not spin.
+const ACCEPT_ERROR_PAUSE_MS: u64 = 50;
+/// How often shutdown checks whether the last request handler has let go of the store.
+const STORE_RELEASE_POLL_MS: u64 = 10;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Listener {
+    Public,
+    Admin,
+}
+
+/// Runs `kurz serve` until SIGTERM or SIGINT.
+pub fn run(config: ServeConfig) -> Result<(), ServeError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.workers)
+        .enable_all()
+        .build()
+        .map_err(ServeError::Runtime)?;
+    runtime.block_on(serve(config))
+}
+
+fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
+    let bind_error = |source| ServeError::Bind { addr, source };
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+    .map_err(bind_error)?;
+    socket.set_reuseaddr(true).map_err(bind_error)?;
+    socket.bind(addr).map_err(bind_error)?;
+    socket.listen(LISTEN_BACKLOG).map_err(bind_error)
+}
+
+async fn serve(mut config: ServeConfig) -> Result<(), ServeError> {
+    let keys = Keys::load(&config.keys_path)?;
+    let public = bind(config.listen)?;
+    let admin = bind(config.admin_listen)?;
+    let public_addr = public.local_addr().map_err(ServeError::Runtime)?;
+    let admin_addr = admin.local_addr().map_err(ServeError::Runtime)?;
+    tracing::info!("listening public={public_addr} admin={admin_addr}");
+    if !config.public_url_explicit {
+        config.public_url = format!("http://{public_addr}");
+    }
+    if keys.is_empty() {
+        tracing::warn!(
+            "no API keys in {}: create one with `kurz keys add NAME`{}",
+            config.keys_path.display(),
+            if config.allow_anonymous_create {
+                " (anonymous creation is on)"
+            } else {
+                "; until then nobody can create links"
+            }
+        );
+    }
+    let grace = Duration::from_millis(config.timeout_shutdown_ms);
+    let app = Arc::new(App::new(config, keys));
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let public_task = tokio::spawn(accept_loop(
+        public,
+        app.clone(),
+        Listener::Public,
+        shutdown_rx.clone(),
+    ));
+    let admin_task = tokio::spawn(accept_loop(
+        admin,
+        app.clone(),
+        Listener::Admin,
+        shutdown_rx,
+    ));
+    let opener = {
+        let app = app.clone();
+        tokio::task::spawn_blocking(move || open_store(&app))
+    };
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    let mut outcome = Ok(());
+    tokio::select! {
+        () = &mut signal => {}
+        opened = opener => match opened {
+            Ok(Ok(())) => signal.await,
+            Ok(Err(error)) => outcome = Err(error),
+            Err(error) => outcome = Err(ServeError::Opener(error.to_string())),
+        },
+    }
+    tracing::info!("shutting down: no new connections; waiting for in-flight requests");
+    let _ = shutdown_tx.send(true);
+    for task in [public_task, admin_task] {
+        if let Err(error) = task.await {
+            tracing::error!("listener task failed: {error}");
+        }
+    }
+    close_store(app, grace).await;
+    outcome
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = terminate.recv() => tracing::info!("SIGTERM"),
+                    _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
+                }
+            }
+            Err(error) => {
+                tracing::warn!("cannot watch SIGTERM ({error}); only SIGINT stops the server");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Closes the store once every handler has let go of the app (or after `grace`).
+async fn close_store(mut app: Arc<App>, grace: Duration) {
+    let deadline = tokio::time::Instant::now() + grace;
+    loop {
+        match Arc::try_unwrap(app) {
+            Ok(app) => {
+                if let Some(store) = app.into_store() {
+                    tokio::task::spawn_blocking(move || store.close())
+                        .await
+                        .unwrap_or_else(|error| {
+                            tracing::error!("closing the store failed: {error}")
+                        });
+                    tracing::info!("store closed; WAL flushed");
+                }
+                return;
+            }
+            Err(shared) if tokio::time::Instant::now() < deadline => {
+                app = shared;
+                tokio::time::sleep(Duration::from_millis(STORE_RELEASE_POLL_MS)).await;
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "requests still running after the shutdown grace period; exiting without closing the store (acknowledged writes are already durable per the fsync policy)"
+                );
+                return;
+            }
+        }
+    }
+}
+
+fn store_is_empty(store: &Store) -> bool {
+    store.snapshot_header().link_count == 0
+        && store.recovery().last_seq == 0
+        && store.overlay_len() == 0
+}
+
+/// Opens the store, imports the sample links into an empty one, and hands it to the app.
+fn open_store(app: &App) -> Result<(), ServeError> {
+    let config = &app.config;
+    let store = Store::open(
+        &config.data_dir,
+        StoreOptions {
+            fsync: config.fsync,
+        },
+    )?;
+    let recovery = store.recovery();
+    tracing::info!(
+        "store open in {} ms: {} links in the snapshot, {} WAL records replayed, last seq {}",
+        recovery.duration_ms,
+        recovery.snapshot_links,
+        recovery.wal_records_replayed,
+        recovery.last_seq
+    );
+    let sample = config.data_dir.join(SAMPLE_LINKS_FILE);
+    if store_is_empty(&store) && sample.exists() {
+        import_sample(&store, &sample, config);
+    }
+    if !app.set_store(store) {
+        tracing::error!("the store was opened twice; keeping the first");
+    }
+    tracing::info!("ready");
+    Ok(())
+}
+
+fn import_sample(store: &Store, sample: &Path, config: &ServeConfig) {
+    let options = ImportOptions {
+        url_rules: config.url_rules.clone(),
+        code_len: config.code_len,
+        ..ImportOptions::default()
+    };
+    match datafile::import(store, sample, &options) {
+        Ok(report) => tracing::info!(
+            "first start: imported {} sample links from {} ({} rows skipped)",
+            report.imported,
+            sample.display(),
+            report.rejected
+        ),
+        Err(error) => tracing::warn!(
+            "first start: sample import from {} failed: {error}",
+            sample.display()
+        ),
+    }
+}
+
+/// Resolves once shutdown has been asked for (or the sender is gone).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    // An error means the sender was dropped, which also means stop.
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    app: Arc<App>,
+    kind: Listener,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let connections_max = app.config.connections_max;
+    let connections = Arc::new(Semaphore::new(connections_max));
+    loop {
+        let permit = tokio::select! {
+            permit = connections.clone().acquire_owned() => permit,
+            () = stopped(&mut shutdown) => break,
+        };
+        let Ok(permit) = permit else {
+            break;
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = stopped(&mut shutdown) => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                tracing::warn!("accept failed: {error}");
+                tokio::time::sleep(Duration::from_millis(ACCEPT_ERROR_PAUSE_MS)).await;
+                continue;
+            }
+        };
+        let app = app.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            serve_connection(stream, peer, app, kind, shutdown).await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    let all = u32::try_from(connections_max).unwrap_or(u32::MAX);
+    let grace = Duration::from_millis(app.config.timeout_shutdown_ms);
+    if tokio::time::timeout(grace, connections.acquire_many(all))
+        .await
+        .is_err()
+    {
+        tracing::warn!("{kind:?} listener: connections still open after the shutdown grace period");
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    app: Arc<App>,
+    kind: Listener,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    if let Err(error) = stream.set_nodelay(true) {
+        tracing::debug!("set_nodelay {peer}: {error}");
+    }
+    let timeout_header_read = Duration::from_millis(app.config.timeout_header_read_ms);
+    let service = service_fn(move |request: Request<Incoming>| {
+        let app = app.clone();
+        async move { Ok::<_, Infallible>(route(&app, request, peer, kind).await) }
+    });
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(timeout_header_read)
+        .max_buf_size(REQUEST_HEAD_BYTES_MAX.max(8192))
+        .max_headers(REQUEST_HEADERS_MAX);
+    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => {
+            if let Err(error) = result {
+                tracing::debug!("connection {peer}: {error}");
+            }
+        }
+        () = stopped(&mut shutdown) => {
+            connection.as_mut().graceful_shutdown();
+            if let Err(error) = connection.await {
+                tracing::debug!("connection {peer} during shutdown: {error}");
+            }
+        }
+    }
+}
+
+async fn route(
+    app: &Arc<App>,
+    request: Request<Incoming>,
+    peer: SocketAddr,
+    kind: Listener,
+) -> Response {
+    let (route, response) = match kind {
+        Listener::Admin => admin::handle(app, &request).await,
+        Listener::Public => {
+            let path = request.uri().path();
+            if path.starts_with("/api/") {
+                api::handle(app, request, peer.ip()).await
+            } else if path == "/healthz" {
+                (Route::Health, super::healthz())
+            } else if path == "/readyz" {
+                (Route::Ready, super::readyz(app))
+            } else {
+                (Route::Redirect, redirect::handle(app, &request))
+            }
+        }
+    };
+    app.metrics.request(route, response.status().as_u16());
+    response
+}

@@ -1,0 +1,297 @@
+//! Shared helpers of the HTTP tests: start the real `kurz serve` on ephemeral ports with a temp
+//! data dir, and speak HTTP/1.1 to it over plain `TcpStream`s.
+#![allow(dead_code)] // each test binary uses its own subset of these helpers
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{mpsc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const START_TIMEOUT: Duration = Duration::from_secs(20);
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub fn kurz() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kurz"));
+    for (name, _) in std::env::vars() {
+        if name.starts_with("KURZ_") {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
+/// Adds an API key with `scope` to the keys file of `dir` and returns it.
+pub fn add_key(dir: &Path, name: &str, scope: &str) -> String {
+    let output = kurz()
+        .args(["keys", "add", name, "--scope", scope, "--data-dir"])
+        .arg(dir)
+        .output()
+        .expect("run kurz keys add");
+    assert!(output.status.success(), "keys add failed: {output:?}");
+    let stdout = String::from_utf8(output.stdout).expect("utf-8");
+    stdout.lines().last().expect("key line").trim().to_owned()
+}
+
+/// A running `kurz serve`, killed when dropped.
+pub struct Server {
+    child: Child,
+    pub public: SocketAddr,
+    pub admin: SocketAddr,
+    /// Log lines from stderr, as they come.
+    pub log: Mutex<mpsc::Receiver<String>>,
+}
+
+impl Server {
+    /// Starts `kurz serve` on `dir` with ephemeral ports plus `extra` flags, and waits for
+    /// /readyz to say 200.
+    pub fn start(dir: &Path, extra: &[&str]) -> Server {
+        let mut child = kurz()
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
+            .arg("--data-dir")
+            .arg(dir)
+            .args(extra)
+            .env("KURZ_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn kurz serve");
+        let stderr = child.stderr.take().expect("stderr");
+        let (lines_tx, lines_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if lines_tx.send(line).is_err() {
+                    // Nobody listens any more; keep draining so the server never blocks on stderr.
+                    continue;
+                }
+            }
+        });
+        let deadline = Instant::now() + START_TIMEOUT;
+        let (public, admin) = loop {
+            let line = lines_rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .unwrap_or_else(|_| {
+                    let _ = child.kill();
+                    panic!("kurz serve printed no listening line")
+                });
+            if let Some(at) = line.find("listening public=") {
+                let rest = &line[at + "listening public=".len()..];
+                let (public, admin) = rest.split_once(" admin=").expect("admin= in line");
+                break (
+                    public.trim().parse().expect("public addr"),
+                    admin.trim().parse().expect("admin addr"),
+                );
+            }
+        };
+        let server = Server {
+            child,
+            public,
+            admin,
+            log: Mutex::new(lines_rx),
+        };
+        server.wait_ready();
+        server
+    }
+
+    pub fn wait_ready(&self) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Ok(reply) = try_request(self.public, "GET", "/readyz", &[], b"") {
+                if reply.status == 200 {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "server never became ready");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for the exit status.
+    pub fn terminate(mut self) -> ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+        self.child.wait().expect("wait for kurz")
+    }
+
+    pub fn get(&self, path: &str) -> Reply {
+        request(self.public, "GET", path, &[], b"")
+    }
+
+    pub fn post_json(&self, path: &str, key: &str, body: &str) -> Reply {
+        let auth = format!("Bearer {key}");
+        request(
+            self.public,
+            "POST",
+            path,
+            &[
+                ("Authorization", &auth),
+                ("Content-Type", "application/json"),
+            ],
+            body.as_bytes(),
+        )
+    }
+
+    pub fn with_key(&self, method: &str, path: &str, key: &str, body: &str) -> Reply {
+        let mut headers = vec![("X-API-Key", key)];
+        if !body.is_empty() {
+            headers.push(("Content-Type", "application/json"));
+        }
+        request(self.public, method, path, &headers, body.as_bytes())
+    }
+
+    /// Creates a link and returns its code.
+    pub fn create(&self, key: &str, body: &str) -> String {
+        let reply = self.post_json("/api/v1/shorten", key, body);
+        assert_eq!(reply.status, 201, "create {body}: {}", reply.text());
+        reply.json()["short_code"]
+            .as_str()
+            .expect("short_code")
+            .to_owned()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|error| panic!("not JSON ({error}): {}", self.text()))
+    }
+
+    /// The machine code of an error body.
+    pub fn code(&self) -> String {
+        self.json()["code"].as_str().unwrap_or("").to_owned()
+    }
+}
+
+/// Sends raw bytes on a fresh connection and returns everything the server sends back until it
+/// closes the connection.
+pub fn raw(addr: SocketAddr, bytes: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    // The server may answer and close before it has read everything; that is fine.
+    let _ = stream.write_all(bytes);
+    let mut out = Vec::new();
+    match stream.read_to_end(&mut out) {
+        Ok(_) => Ok(out),
+        Err(error) if !out.is_empty() => {
+            let _ = error;
+            Ok(out)
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => Ok(out),
+        Err(error) => Err(error),
+    }
+}
+
+pub fn parse_reply(bytes: &[u8]) -> Reply {
+    let head_end = bytes
+        .windows(4)
+        .position(|window| window == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no header end in {:?}", String::from_utf8_lossy(bytes)));
+    let head = std::str::from_utf8(&bytes[..head_end]).expect("ascii head");
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().expect("status line");
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .expect("status code");
+    let headers = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(key, value)| (key.trim().to_owned(), value.trim().to_owned()))
+        .collect();
+    Reply {
+        status,
+        headers,
+        body: bytes[head_end + 4..].to_vec(),
+    }
+}
+
+pub fn try_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<Reply> {
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: kurz.test\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if !body.is_empty() || method == "POST" || method == "PATCH" {
+        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    head.push_str("\r\n");
+    let mut bytes = head.into_bytes();
+    bytes.extend_from_slice(body);
+    let reply = raw(addr, &bytes)?;
+    if reply.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "connection closed without a reply",
+        ));
+    }
+    Ok(parse_reply(&reply))
+}
+
+pub fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Reply {
+    try_request(addr, method, path, headers, body)
+        .unwrap_or_else(|error| panic!("{method} {path}: {error}"))
+}
+
+/// A fresh temp data dir.
+pub fn data_dir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("tempdir")
+}
