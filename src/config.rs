@@ -421,6 +421,15 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_is_valid() {
+        let file: ServeArgs =
+            toml::from_str(include_str!("../deploy/kurz.toml")).expect("deploy/kurz.toml parses");
+        let config = ServeConfig::validate(file).expect("deploy/kurz.toml is valid");
+        assert_eq!(config.public_url, "https://sho.rt");
+        assert_eq!(config.url_rules.own_hosts, vec!["sho.rt".to_owned()]);
+    }
+
+    #[test]
     fn refuses_bad_settings() {
         let bad = |args: ServeArgs| ServeConfig::validate(args).is_err();
         assert!(bad(ServeArgs {
