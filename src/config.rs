@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::links::codegen::CODE_LEN_DEFAULT;
+use crate::links::codegen::{CodeStrategy, CODE_LEN_DEFAULT, COUNTER_NODE_ID_MAX};
 use crate::links::validate::{self, UrlRules, CODE_BYTES_MAX, URL_BYTES_MAX_DEFAULT};
 use crate::store::link::RedirectStatus;
 use crate::store::wal::FsyncPolicy;
@@ -97,6 +97,17 @@ pub struct ServeArgs {
     /// max-age of the Cache-Control header on 301 and 308 redirects, in seconds [default: 86400].
     #[arg(long, env = "KURZ_CACHE_MAX_AGE_S")]
     pub cache_max_age_s: Option<u64>,
+    /// How codes without an alias are generated: random (CSPRNG base62), counter (Snowflake-style
+    /// time + node + sequence, permuted, up to 11 characters) or hash (from the URL's SHA-256;
+    /// with "reuse": true a create of a known URL returns its code) [default: random].
+    #[arg(long, env = "KURZ_CODE_STRATEGY", value_enum)]
+    pub code_strategy: Option<CodeStrategy>,
+    /// Node id (0-1023) in counter codes; give every server sharing a data set its own.
+    #[arg(long, env = "KURZ_COUNTER_NODE_ID")]
+    pub counter_node_id: Option<u16>,
+    /// Counter codes in plain sequence instead of permuted (guessable; for debugging).
+    #[arg(long, env = "KURZ_COUNTER_UNPERMUTED")]
+    pub counter_unpermuted: bool,
     /// Length of generated codes; grows by one after repeated collisions [default: 7].
     #[arg(long, env = "KURZ_CODE_LENGTH")]
     pub code_length: Option<usize>,
@@ -155,6 +166,9 @@ impl ServeArgs {
                 .redirect_status_default
                 .or(file.redirect_status_default),
             cache_max_age_s: self.cache_max_age_s.or(file.cache_max_age_s),
+            code_strategy: self.code_strategy.or(file.code_strategy),
+            counter_node_id: self.counter_node_id.or(file.counter_node_id),
+            counter_unpermuted: self.counter_unpermuted || file.counter_unpermuted,
             code_length: self.code_length.or(file.code_length),
             url_bytes_max: self.url_bytes_max.or(file.url_bytes_max),
             blocklist: self.blocklist.or(file.blocklist),
@@ -190,6 +204,9 @@ pub struct ServeConfig {
     pub redirect_status_default: RedirectStatus,
     pub cache_max_age_s: u64,
     pub code_len: usize,
+    pub code_strategy: CodeStrategy,
+    pub counter_node_id: u16,
+    pub counter_permuted: bool,
     pub url_rules: UrlRules,
     pub reserved_words: Vec<String>,
     pub body_bytes_max: usize,
@@ -310,6 +327,13 @@ impl ServeConfig {
                 format!("must be 1 to {CODE_BYTES_MAX}"),
             ));
         }
+        let counter_node_id = args.counter_node_id.unwrap_or(0);
+        if counter_node_id > COUNTER_NODE_ID_MAX {
+            return Err(invalid(
+                "counter_node_id",
+                format!("must be 0 to {COUNTER_NODE_ID_MAX}"),
+            ));
+        }
         let url_bytes_max = args.url_bytes_max.unwrap_or(URL_BYTES_MAX_DEFAULT);
         if !(16..=64 * 1024).contains(&url_bytes_max) {
             return Err(invalid("url_bytes_max", "must be 16 to 65536"));
@@ -369,6 +393,9 @@ impl ServeConfig {
             redirect_status_default,
             cache_max_age_s: args.cache_max_age_s.unwrap_or(CACHE_MAX_AGE_S_DEFAULT),
             code_len,
+            code_strategy: args.code_strategy.unwrap_or_default(),
+            counter_node_id,
+            counter_permuted: !args.counter_unpermuted,
             url_rules: UrlRules {
                 url_bytes_max,
                 schemes_allowed: vec!["http".into(), "https".into()],

@@ -717,3 +717,41 @@ fn first_start_imports_the_sample_links() {
     assert_eq!(reply.status, 302);
     assert_eq!(reply.header("location"), Some("https://www.rust-lang.org/"));
 }
+
+#[test]
+fn counter_and_hash_code_strategies() {
+    let dir = data_dir();
+    let key = add_key(dir.path(), "writer", "write");
+    let server = Server::start(dir.path(), &["--code-strategy", "counter"]);
+    let codes: Vec<String> = (0..20)
+        .map(|n| {
+            server.create(
+                &key,
+                &format!(r#"{{"long_url":"https://example.com/{n}"}}"#),
+            )
+        })
+        .collect();
+    let unique: std::collections::HashSet<&String> = codes.iter().collect();
+    assert_eq!(unique.len(), 20);
+    assert!(codes.iter().all(|code| code.len() <= 11));
+    assert_eq!(server.get(&format!("/{}", codes[0])).status, 302);
+    drop(server);
+
+    let server = Server::start(dir.path(), &["--code-strategy", "hash"]);
+    let body = r#"{"long_url":"https://example.com/same","reuse":true}"#;
+    let first = server.post_json("/api/v1/shorten", &key, body);
+    assert_eq!(first.status, 201, "{}", first.text());
+    let again = server.post_json("/api/v1/shorten", &key, body);
+    assert_eq!(again.status, 200, "reuse answers with the existing link");
+    assert_eq!(first.json()["short_code"], again.json()["short_code"]);
+    let fresh = server.post_json(
+        "/api/v1/shorten",
+        &key,
+        r#"{"long_url":"https://example.com/same"}"#,
+    );
+    assert_eq!(
+        fresh.status, 201,
+        "without reuse the same URL gets a new code"
+    );
+    assert_ne!(fresh.json()["short_code"], first.json()["short_code"]);
+}

@@ -18,8 +18,8 @@ use serde_json::{json, Value};
 
 use super::{json as json_response, now_s, parse_rfc3339, rfc3339, App, Response};
 use crate::auth::{KeyRefusal, Principal, Scope};
-use crate::links::codegen::random_code;
-use crate::links::lifecycle::Gone;
+use crate::links::codegen::{self, random_code, CodeStrategy};
+use crate::links::lifecycle::{self, Gone};
 use crate::links::validate::{self, LinkError, CODE_BYTES_MAX};
 use crate::metrics::Route;
 use crate::store::link::{Link, LinkMeta, LinkStatus, RedirectStatus};
@@ -354,6 +354,8 @@ struct ShortenRequest {
     redirect_status: Option<u16>,
     max_clicks: Option<u64>,
     forward_query: Option<bool>,
+    /// With `--code-strategy hash`: answer with the existing link of the same URL, if any.
+    reuse: Option<bool>,
 }
 
 fn parse_redirect_status(code: u16) -> Result<RedirectStatus, ApiError> {
@@ -465,15 +467,47 @@ async fn busy_pause() {
     tokio::time::sleep(Duration::from_millis(BUSY_RETRY_SLEEP_MS)).await;
 }
 
+/// A stored link, and whether it existed before (`reuse` with the hash strategy).
+struct Inserted {
+    link: Link,
+    reused: bool,
+}
+
+/// The `draw`-th candidate code for `link` under the configured strategy.
+fn candidate(app: &App, link: &Link, draw: usize, code_len: usize) -> String {
+    match app.config.code_strategy {
+        CodeStrategy::Random => random_code(code_len),
+        CodeStrategy::Counter => app.counter.next_code(),
+        CodeStrategy::Hash => codegen::hash_code(&link.long_url, app.config.code_len + draw)
+            .unwrap_or_else(|| random_code(code_len)),
+    }
+}
+
+/// Whether the link stored under `code` is an active link to `long_url` (for `reuse`).
+fn reusable(app: &App, code: &str, long_url: &str) -> Option<Link> {
+    let link = app.store()?.get(code)?;
+    (link.long_url == long_url && lifecycle::check(&link.meta, now_s()).is_ok()).then_some(link)
+}
+
 /// Stores `link` under `alias`, or under a fresh generated code; returns the stored link once
 /// the store says it is durable.
-async fn insert(app: &App, mut link: Link, alias: Option<String>) -> Result<Link, ApiError> {
+async fn insert(
+    app: &App,
+    mut link: Link,
+    alias: Option<String>,
+    reuse: bool,
+) -> Result<Inserted, ApiError> {
     let store = app.store().ok_or_else(not_ready)?;
     if let Some(alias) = alias {
         link.code = alias;
         for _ in 0..BUSY_RETRIES_MAX {
             match store.create(link.clone()).await {
-                Ok(_) => return Ok(link),
+                Ok(_) => {
+                    return Ok(Inserted {
+                        link,
+                        reused: false,
+                    })
+                }
                 Err(StoreError::Busy(_)) => busy_pause().await,
                 Err(StoreError::CodeTaken(_)) => break,
                 Err(error) => return Err(store_failed(&error)),
@@ -488,20 +522,33 @@ async fn insert(app: &App, mut link: Link, alias: Option<String>) -> Result<Link
             )
         });
     }
+    let reuse = reuse && app.config.code_strategy == CodeStrategy::Hash;
     let mut code_len = app.config.code_len;
-    for draw in 1..=CODE_DRAWS_MAX {
-        link.code = random_code(code_len);
+    for draw in 0..CODE_DRAWS_MAX {
+        link.code = candidate(app, &link, draw, code_len);
         if is_reserved(app, &link.code) {
             continue;
         }
         match store.create(link.clone()).await {
-            Ok(_) => return Ok(link),
-            Err(StoreError::Busy(_) | StoreError::CodeTaken(_)) => {
-                if draw % CODE_DRAWS_PER_LENGTH == 0 {
-                    code_len = (code_len + 1).min(CODE_BYTES_MAX);
+            Ok(_) => {
+                return Ok(Inserted {
+                    link,
+                    reused: false,
+                })
+            }
+            Err(StoreError::CodeTaken(_)) if reuse => {
+                if let Some(existing) = reusable(app, &link.code, &link.long_url) {
+                    return Ok(Inserted {
+                        link: existing,
+                        reused: true,
+                    });
                 }
             }
+            Err(StoreError::Busy(_) | StoreError::CodeTaken(_)) => {}
             Err(error) => return Err(store_failed(&error)),
+        }
+        if (draw + 1) % CODE_DRAWS_PER_LENGTH == 0 {
+            code_len = (code_len + 1).min(CODE_BYTES_MAX);
         }
     }
     Err(ApiError::new(
@@ -532,9 +579,10 @@ fn created_body(app: &App, link: &Link) -> Value {
     })
 }
 
-async fn create_one(app: &App, request: ShortenRequest) -> Result<Link, ApiError> {
+async fn create_one(app: &App, request: ShortenRequest) -> Result<Inserted, ApiError> {
+    let reuse = request.reuse.unwrap_or(false);
     let (link, alias) = new_link(app, request, now_s())?;
-    insert(app, link, alias).await
+    insert(app, link, alias, reuse).await
 }
 
 async fn shorten(
@@ -544,8 +592,13 @@ async fn shorten(
 ) -> Result<Response, ApiError> {
     admit_create(app, request.headers(), peer, 1)?;
     let body: ShortenRequest = read_json(request, app.config.body_bytes_max).await?;
-    let link = create_one(app, body).await?;
-    let mut response = json_response(StatusCode::CREATED, &created_body(app, &link));
+    let Inserted { link, reused } = create_one(app, body).await?;
+    let status = if reused {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    let mut response = json_response(status, &created_body(app, &link));
     let location = format!("{}/api/v1/urls/{}", app.config.public_url, link.code);
     if let Ok(location) = HeaderValue::from_str(&location) {
         response.headers_mut().insert(header::LOCATION, location);
@@ -600,10 +653,10 @@ async fn shorten_batch(
                 )),
             };
             let mut entry = match result {
-                Ok(link) => {
+                Ok(Inserted { link, reused }) => {
                     let mut body = created_body(&app, &link);
                     if let Some(object) = body.as_object_mut() {
-                        object.insert("status".into(), json!(201));
+                        object.insert("status".into(), json!(if reused { 200 } else { 201 }));
                     }
                     body
                 }
@@ -631,7 +684,7 @@ async fn shorten_batch(
     results.sort_by_key(|(index, _)| *index);
     let created = results
         .iter()
-        .filter(|(_, entry)| entry["status"] == json!(201))
+        .filter(|(_, entry)| entry["status"] == json!(201) || entry["status"] == json!(200))
         .count();
     let results: Vec<Value> = results.into_iter().map(|(_, entry)| entry).collect();
     Ok(json_response(

@@ -21,6 +21,7 @@ use time::OffsetDateTime;
 use crate::analytics::ClickCounters;
 use crate::auth::{AuthError, Keys};
 use crate::config::{ConfigError, ServeConfig};
+use crate::links::codegen::CounterCodes;
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
 use ratelimit::RateLimiter;
@@ -56,6 +57,8 @@ pub struct App {
     pub metrics: Metrics,
     pub keys: Keys,
     pub limiter: RateLimiter,
+    /// Ids for `--code-strategy counter`.
+    pub counter: CounterCodes,
     /// `public, max-age=N` for 301 and 308, built once.
     cache_control_permanent: HeaderValue,
     pub started_at: Instant,
@@ -68,6 +71,7 @@ impl App {
                 .unwrap_or(HeaderValue::from_static("public, max-age=86400"));
         App {
             limiter: RateLimiter::new(config.rate_limit_per_s, config.rate_limit_burst),
+            counter: CounterCodes::new(config.counter_node_id, config.counter_permuted),
             config,
             store: OnceLock::new(),
             clicks: ClickCounters::default(),
