@@ -268,3 +268,51 @@ fn connection_cap_queues_extra_clients() {
     let reply = request(server.public, "GET", "/rust", &[], b"");
     assert_eq!(reply.status, 302);
 }
+
+#[test]
+fn a_second_server_on_the_same_data_dir_refuses_to_start() {
+    let dir = data_dir();
+    let _first = Server::start(dir.path(), &[]);
+    let second = common::kurz()
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .expect("run a second kurz serve");
+    assert_eq!(second.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        stderr.contains("in use by another kurz process"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn settings_come_from_a_config_file_and_the_environment() {
+    let dir = data_dir();
+    let key = add_key(dir.path(), "writer", "write");
+    let config = dir.path().join("kurz.toml");
+    std::fs::write(&config, "code_length = 11\nredirect_status_default = 307\n").expect("config");
+    let server = Server::start(
+        dir.path(),
+        &["--config", config.to_str().expect("utf-8 path")],
+    );
+    let code = server.create(&key, r#"{"long_url":"https://example.com/cfg"}"#);
+    assert_eq!(code.len(), 11);
+    assert_eq!(server.get(&format!("/{code}")).status, 307);
+    drop(server);
+    let bad = common::kurz()
+        .args(["serve", "--data-dir"])
+        .arg(dir.path())
+        .env("KURZ_FSYNC", "sometimes")
+        .output()
+        .expect("run kurz serve");
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("fsync"));
+}

@@ -233,12 +233,17 @@ pub fn require(principal: &Principal, scope: Scope) -> Result<(), ApiError> {
     }
 }
 
-/// Authenticates a creation and takes `cost` tokens from the caller's buckets.
-fn admit_create(app: &App, headers: &HeaderMap, peer: IpAddr, cost: u32) -> Result<(), ApiError> {
+/// Who may create: a write-scope key, or anyone when anonymous creation is on.
+fn authorize_create(app: &App, headers: &HeaderMap) -> Result<Principal, ApiError> {
     let principal = principal(app, headers)?;
     if !(principal == Principal::Anonymous && app.config.allow_anonymous_create) {
         require(&principal, Scope::Write)?;
     }
+    Ok(principal)
+}
+
+/// Takes `cost` tokens from the caller's key bucket (if any) and client-IP bucket.
+fn rate_limit(app: &App, principal: &Principal, peer: IpAddr, cost: u32) -> Result<(), ApiError> {
     let rate_limited = |retry_after_s| ApiError {
         retry_after_s: Some(retry_after_s),
         ..ApiError::new(
@@ -247,7 +252,7 @@ fn admit_create(app: &App, headers: &HeaderMap, peer: IpAddr, cost: u32) -> Resu
             format!("too many links created; retry in {retry_after_s} s"),
         )
     };
-    if let Principal::Key { name, .. } = &principal {
+    if let Principal::Key { name, .. } = principal {
         app.limiter
             .take(&format!("key:{name}"), cost)
             .map_err(rate_limited)?;
@@ -590,7 +595,8 @@ async fn shorten(
     request: Request<Incoming>,
     peer: IpAddr,
 ) -> Result<Response, ApiError> {
-    admit_create(app, request.headers(), peer, 1)?;
+    let principal = authorize_create(app, request.headers())?;
+    rate_limit(app, &principal, peer, 1)?;
     let body: ShortenRequest = read_json(request, app.config.body_bytes_max).await?;
     let Inserted { link, reused } = create_one(app, body).await?;
     let status = if reused {
@@ -617,7 +623,7 @@ async fn shorten_batch(
     request: Request<Incoming>,
     peer: IpAddr,
 ) -> Result<Response, ApiError> {
-    admit_create(app, request.headers(), peer, 1)?;
+    let principal = authorize_create(app, request.headers())?;
     let body: BatchRequest = read_json(request, app.config.batch_body_bytes_max).await?;
     if body.items.len() > BATCH_ITEMS_MAX {
         return Err(ApiError::bad_request(
@@ -628,19 +634,8 @@ async fn shorten_batch(
             ),
         ));
     }
-    if let Err(retry_after_s) = app.limiter.take(
-        &format!("ip:{peer}"),
-        body.items.len().saturating_sub(1) as u32,
-    ) {
-        return Err(ApiError {
-            retry_after_s: Some(retry_after_s),
-            ..ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                format!("too many links created; retry in {retry_after_s} s"),
-            )
-        });
-    }
+    // One token per item, at most the burst (else a batch larger than the burst could never pass).
+    rate_limit(app, &principal, peer, body.items.len().max(1) as u32)?;
     let mut tasks = tokio::task::JoinSet::new();
     for (index, item) in body.items.into_iter().enumerate() {
         let app = app.clone();
