@@ -1,0 +1,229 @@
+//! Store benchmarks: lookups (snapshot hit, overlay hit, miss), creates per fsync policy
+//! (group commit under 256 concurrent writers), snapshot open, and import of 1M links.
+//!
+//! Run: `cargo bench --bench store` (results in PERFORMANCE.md).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+
+use kurz::datafile::{self, ImportOptions};
+use kurz::store::link::{Link, LinkMeta};
+use kurz::store::snapshot::{Snapshot, SnapshotBuilder};
+use kurz::store::wal::FsyncPolicy;
+use kurz::store::{Store, StoreOptions, SNAPSHOT_FILE};
+
+const LINKS: usize = 1_000_000;
+const OVERLAY_LINKS: usize = 10_000;
+const CONCURRENT_CREATES: usize = 256;
+/// Codes the "hot" lookup benches cycle through: the keys and the links they hit stay in cache.
+const HOT_KEYS: usize = 4096;
+
+/// Codes back to back in one buffer, walked in order: the key is as cheap to reach as a request's
+/// code in its read buffer, while the links it hits are spread over the whole table ("cold").
+struct KeyArena {
+    bytes: String,
+    ends: Vec<usize>,
+}
+
+impl KeyArena {
+    fn new<'a>(codes: impl Iterator<Item = &'a str>) -> KeyArena {
+        let mut arena = KeyArena {
+            bytes: String::new(),
+            ends: Vec::new(),
+        };
+        for code in codes {
+            arena.bytes.push_str(code);
+            arena.ends.push(arena.bytes.len());
+        }
+        arena
+    }
+
+    fn get(&self, index: usize) -> &str {
+        let start = if index == 0 { 0 } else { self.ends[index - 1] };
+        &self.bytes[start..self.ends[index]]
+    }
+}
+
+/// Deterministic synthetic links shaped like data/gen-links.py's: 7-char codes, ~80-byte URLs.
+fn synthetic_links(count: usize, salt: u64) -> Vec<(String, String)> {
+    const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ salt;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    (0..count)
+        .map(|i| {
+            let mut word = next();
+            // Six random characters plus the index keep codes unique and 7+ bytes long.
+            let prefix: String = (0..6)
+                .map(|_| {
+                    let c = BASE62[(word % 62) as usize] as char;
+                    word /= 62;
+                    c
+                })
+                .collect();
+            let code = format!("{prefix}{i:x}");
+            let url = format!(
+                "https://www.example-{}.com/docs/archive/{}/item?id={}",
+                next() % 100_000,
+                next() % 1_000,
+                next()
+            );
+            (code, url)
+        })
+        .collect()
+}
+
+fn link(code: &str, url: &str) -> Link {
+    Link {
+        code: code.to_owned(),
+        long_url: url.to_owned(),
+        meta: LinkMeta::new(1_700_000_000),
+    }
+}
+
+fn write_snapshot(path: &Path, links: &[(String, String)]) {
+    let mut builder = SnapshotBuilder::with_capacity(links.len(), links.len() * 96);
+    for (code, url) in links {
+        builder.add(link(code, url).view()).expect("add");
+    }
+    builder.write(path, 0).expect("write snapshot");
+}
+
+fn options(fsync: FsyncPolicy) -> StoreOptions {
+    StoreOptions { fsync }
+}
+
+fn lookups(c: &mut Criterion) {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
+    let links = synthetic_links(LINKS, 1);
+    write_snapshot(&dir.path().join(SNAPSHOT_FILE), &links);
+    let store = Store::open(dir.path(), options(FsyncPolicy::Never)).expect("open");
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let fresh = synthetic_links(OVERLAY_LINKS, 2);
+    runtime.block_on(async {
+        for (code, url) in &fresh {
+            store.create(link(code, url)).await.expect("create");
+        }
+    });
+    // A stride permutation, so walking the arena in order visits links in scattered order.
+    let scattered = |count: usize| (0..count).map(move |i| (i * 7919) % count);
+    let cold_hits = KeyArena::new(scattered(LINKS).map(|i| links[i].0.as_str()));
+    let miss_codes: Vec<String> = (0..LINKS).map(|i| format!("zz{i}")).collect();
+    let cold_misses = KeyArena::new(miss_codes.iter().map(String::as_str));
+    let hot_hits = KeyArena::new(scattered(LINKS).take(HOT_KEYS).map(|i| links[i].0.as_str()));
+    let overlay_hits = KeyArena::new(scattered(OVERLAY_LINKS).map(|i| fresh[i].0.as_str()));
+
+    let mut group = c.benchmark_group("lookup");
+    group.throughput(Throughput::Elements(1));
+    for (name, keys) in [
+        ("snapshot_hit_cold_1m", &cold_hits),
+        ("snapshot_hit_hot", &hot_hits),
+        ("overlay_hit_10k", &overlay_hits),
+        ("miss_cold", &cold_misses),
+    ] {
+        let mut at = 0usize;
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                at += 1;
+                if at == keys.ends.len() {
+                    at = 0;
+                }
+                store.lookup(keys.get(at), |found| found.map(|link| link.long_url.len()))
+            })
+        });
+    }
+    group.finish();
+    store.close();
+}
+
+fn creates(c: &mut Criterion) {
+    let mut group = c.benchmark_group("create");
+    group.throughput(Throughput::Elements(CONCURRENT_CREATES as u64));
+    group.sample_size(20);
+    for (name, policy) in [
+        ("fsync_always", FsyncPolicy::Always),
+        (
+            "fsync_interval_10ms",
+            FsyncPolicy::Interval(Duration::from_millis(10)),
+        ),
+        ("fsync_never", FsyncPolicy::Never),
+    ] {
+        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
+        let store = Arc::new(Store::open(dir.path(), options(policy)).expect("open"));
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let mut round = 0u64;
+        group.bench_function(name, |b| {
+            b.iter_custom(|iterations| {
+                let started = Instant::now();
+                for _ in 0..iterations {
+                    round += 1;
+                    let tasks: Vec<_> = (0..CONCURRENT_CREATES)
+                        .map(|i| {
+                            let store = store.clone();
+                            let code = format!("r{round}i{i}");
+                            runtime.spawn(async move {
+                                store
+                                    .create(link(&code, "https://example.com/some/long/path"))
+                                    .await
+                            })
+                        })
+                        .collect();
+                    runtime.block_on(async {
+                        for task in tasks {
+                            task.await.expect("join").expect("create");
+                        }
+                    });
+                }
+                started.elapsed()
+            })
+        });
+    }
+    group.finish();
+}
+
+fn snapshot_files(c: &mut Criterion) {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
+    let links = synthetic_links(LINKS, 3);
+    let path = dir.path().join(SNAPSHOT_FILE);
+    write_snapshot(&path, &links);
+    let tsv = dir.path().join("links.tsv");
+    let body: String = links
+        .iter()
+        .map(|(code, url)| format!("{code}\t{url}\n"))
+        .collect();
+    std::fs::write(&tsv, body).expect("write tsv");
+
+    let mut group = c.benchmark_group("snapshot");
+    group.sample_size(10);
+    group.bench_function("open_1m", |b| {
+        b.iter(|| Snapshot::open(&path).expect("open").header().link_count)
+    });
+    group.bench_function("import_tsv_1m", |b| {
+        b.iter_batched(
+            || tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir"),
+            |data| {
+                let store = Store::open(data.path(), options(FsyncPolicy::Always)).expect("open");
+                let report =
+                    datafile::import(&store, &tsv, &ImportOptions::default()).expect("import");
+                assert_eq!(report.imported, LINKS as u64);
+                store.close();
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    group.finish();
+}
+
+criterion_group!(benches, lookups, creates, snapshot_files);
+criterion_main!(benches);
