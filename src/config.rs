@@ -143,6 +143,10 @@ pub struct ServeArgs {
     /// keep-alive connections too, so it is also the idle timeout [default: 10000].
     #[arg(long, env = "KURZ_TIMEOUT_HEADER_READ_MS")]
     pub timeout_header_read_ms: Option<u64>,
+    /// Serve the public listener with hyper alone, without the lean HTTP/1.1 path that answers
+    /// plain GET/HEAD /{code} requests itself (for comparison and debugging).
+    #[arg(long, env = "KURZ_HYPER_ONLY")]
+    pub hyper_only: bool,
     /// On SIGTERM/SIGINT, how long in-flight requests may take before the store is closed
     /// anyway, in ms [default: 10000].
     #[arg(long, env = "KURZ_TIMEOUT_SHUTDOWN_MS")]
@@ -182,6 +186,7 @@ impl ServeArgs {
             connections_max: self.connections_max.or(file.connections_max),
             timeout_header_read_ms: self.timeout_header_read_ms.or(file.timeout_header_read_ms),
             timeout_shutdown_ms: self.timeout_shutdown_ms.or(file.timeout_shutdown_ms),
+            hyper_only: self.hyper_only || file.hyper_only,
         }
     }
 }
@@ -216,6 +221,7 @@ pub struct ServeConfig {
     pub connections_max: usize,
     pub timeout_header_read_ms: u64,
     pub timeout_shutdown_ms: u64,
+    pub hyper_only: bool,
 }
 
 fn read_bounded(path: &Path, bytes_max: u64) -> Result<String, ConfigError> {
@@ -413,6 +419,7 @@ impl ServeConfig {
             timeout_shutdown_ms: args
                 .timeout_shutdown_ms
                 .unwrap_or(TIMEOUT_SHUTDOWN_MS_DEFAULT),
+            hyper_only: args.hyper_only,
         })
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod fast;
 pub mod ratelimit;
 pub mod redirect;
 pub mod server;

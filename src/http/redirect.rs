@@ -1,8 +1,8 @@
 //! The hot path: `GET /{code}` and `HEAD /{code}` answered from memory with a redirect, 404 or
-//! 410 (SPEC section 3). Never takes a lock shared by all workers, never does disk I/O, and never
-//! writes to the store; the only shared writes are the link's click counter and the metrics.
-
-use std::time::Instant;
+//! 410 (SPEC section 3). [`decide`] is shared by the hyper path and the lean HTTP/1.1 fast path
+//! (`fast`); each renders the verdict its own way. Never takes a lock shared by all workers,
+//! never does disk I/O, and never writes to the store; the only shared writes are the link's
+//! click counter and the metrics.
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -14,28 +14,126 @@ use crate::links::lifecycle::{self, Gone};
 use crate::links::validate;
 use crate::store::link::RedirectStatus;
 
-static CACHE_CONTROL_TEMPORARY: HeaderValue = HeaderValue::from_static("private, max-age=0");
+pub const CACHE_CONTROL_TEMPORARY: &str = "private, max-age=0";
 
-enum Outcome {
+/// What `/{code}` answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict<'a> {
+    /// The store is still opening.
+    NotReady,
     NotFound,
     Gone(Gone),
-    Redirect(RedirectStatus, Result<HeaderValue, ()>),
+    Redirect {
+        status: RedirectStatus,
+        long_url: &'a str,
+        /// The request's query, to append to `long_url` (only when the link forwards queries).
+        query: Option<&'a str>,
+    },
 }
 
-/// Answers a request for `/{code}` and records its latency.
+impl Verdict<'_> {
+    /// Status code, machine code and text of an error verdict.
+    pub fn error(&self) -> Option<(StatusCode, &'static str, &'static str)> {
+        match self {
+            Verdict::NotReady => Some((
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_ready",
+                "the server is starting; retry in a moment",
+            )),
+            Verdict::NotFound => {
+                Some((StatusCode::NOT_FOUND, "not_found", "no link has this code"))
+            }
+            Verdict::Gone(gone) => Some((StatusCode::GONE, gone.code(), gone.message())),
+            Verdict::Redirect { .. } => None,
+        }
+    }
+}
+
+/// Decides what `path` (with `query`) answers and hands the verdict to `render` while the link
+/// is borrowed from the store, so the target is never copied on the way. A GET counts a click
+/// (and is refused once a click cap is reached); a HEAD only looks.
+pub fn decide<R>(
+    app: &App,
+    head: bool,
+    path: &str,
+    query: Option<&str>,
+    render: impl FnOnce(Verdict<'_>) -> R,
+) -> R {
+    let code = path.strip_prefix('/').unwrap_or(path);
+    if !validate::is_code(code) {
+        return render(Verdict::NotFound);
+    }
+    let Some(store) = app.store() else {
+        return render(Verdict::NotReady);
+    };
+    let now_s = super::now_s();
+    store.lookup(code, |link| {
+        let Some(link) = link else {
+            return render(Verdict::NotFound);
+        };
+        if let Err(gone) = lifecycle::check(&link.meta, now_s) {
+            return render(Verdict::Gone(gone));
+        }
+        let served = if head {
+            !app.clicks.capped(code, link.meta.max_clicks)
+        } else {
+            app.clicks.record(code, link.meta.max_clicks, now_s)
+        };
+        if !served {
+            return render(Verdict::Gone(Gone::ClickCapReached));
+        }
+        render(Verdict::Redirect {
+            status: link
+                .meta
+                .redirect_status
+                .unwrap_or(app.config.redirect_status_default),
+            long_url: link.long_url,
+            query: query.filter(|query| link.meta.forward_query && !query.is_empty()),
+        })
+    })
+}
+
+/// The parts of a `Location`: the long URL, with the query appended (before any fragment).
+pub fn location_parts<'a>(long_url: &'a str, query: Option<&'a str>) -> [&'a str; 4] {
+    match query {
+        None => [long_url, "", "", ""],
+        Some(query) => {
+            let (base, fragment) = match long_url.find('#') {
+                Some(at) => long_url.split_at(at),
+                None => (long_url, ""),
+            };
+            let separator = if base.contains('?') { "&" } else { "?" };
+            [base, separator, query, fragment]
+        }
+    }
+}
+
+/// The `Cache-Control` of a redirect status: shared caches may keep permanent redirects.
+pub fn cache_control(app: &App, status: RedirectStatus) -> &HeaderValue {
+    static TEMPORARY: HeaderValue = HeaderValue::from_static(CACHE_CONTROL_TEMPORARY);
+    match status {
+        RedirectStatus::MovedPermanently | RedirectStatus::PermanentRedirect => {
+            &app.cache_control_permanent
+        }
+        RedirectStatus::Found | RedirectStatus::TemporaryRedirect => &TEMPORARY,
+    }
+}
+
+/// Answers a request for `/{code}` through hyper.
 pub fn handle<B>(app: &App, request: &Request<B>) -> Response {
-    let started = Instant::now();
-    let response = answer(app, request);
-    app.metrics
-        .redirect_latency(started.elapsed().as_micros() as u64);
-    response
-}
-
-fn answer<B>(app: &App, request: &Request<B>) -> Response {
+    let started = std::time::Instant::now();
     let headers = request.headers();
     let method = request.method();
     let head = method == Method::HEAD;
-    if !head && method != Method::GET {
+    let response = if head || method == Method::GET {
+        decide(
+            app,
+            head,
+            request.uri().path(),
+            request.uri().query(),
+            |verdict| render(app, headers, verdict),
+        )
+    } else {
         let mut response = error_for(
             headers,
             StatusCode::METHOD_NOT_ALLOWED,
@@ -45,105 +143,41 @@ fn answer<B>(app: &App, request: &Request<B>) -> Response {
         response
             .headers_mut()
             .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
-        return response;
-    }
-    let path = request.uri().path();
-    let code = path.strip_prefix('/').unwrap_or(path);
-    if !validate::is_code(code) {
-        return not_found(headers);
-    }
-    let Some(store) = app.store() else {
-        return error_for(
-            headers,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not_ready",
-            "the server is starting; retry in a moment",
-        );
+        response
     };
-    let now_s = super::now_s();
-    let query = request.uri().query();
-    let outcome = store.lookup(code, |link| {
-        let Some(link) = link else {
-            return Outcome::NotFound;
-        };
-        if let Err(gone) = lifecycle::check(&link.meta, now_s) {
-            return Outcome::Gone(gone);
-        }
-        let served = if head {
-            !app.clicks.capped(code, link.meta.max_clicks)
-        } else {
-            app.clicks.record(code, link.meta.max_clicks, now_s)
-        };
-        if !served {
-            return Outcome::Gone(Gone::ClickCapReached);
-        }
-        let status = link
-            .meta
-            .redirect_status
-            .unwrap_or(app.config.redirect_status_default);
-        let query = query.filter(|query| link.meta.forward_query && !query.is_empty());
-        Outcome::Redirect(status, location(link.long_url, query))
-    });
-    match outcome {
-        Outcome::NotFound => not_found(headers),
-        Outcome::Gone(gone) => error_for(headers, StatusCode::GONE, gone.code(), gone.message()),
-        Outcome::Redirect(_, Err(())) => error_for(
+    app.metrics
+        .redirect_latency(started.elapsed().as_micros() as u64);
+    response
+}
+
+fn render(app: &App, headers: &HeaderMap, verdict: Verdict<'_>) -> Response {
+    let Verdict::Redirect {
+        status,
+        long_url,
+        query,
+    } = verdict
+    else {
+        let (status, code, message) = verdict.error().unwrap_or((
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no link has this code",
+        ));
+        return error_for(headers, status, code, message);
+    };
+    let location = Bytes::from(location_parts(long_url, query).concat());
+    let Ok(location) = HeaderValue::from_maybe_shared(location) else {
+        return error_for(
             headers,
             StatusCode::INTERNAL_SERVER_ERROR,
             "bad_target",
             "the stored target of this link is not a valid Location",
-        ),
-        Outcome::Redirect(status, Ok(location)) => redirect(app, status, location),
-    }
-}
-
-fn not_found(headers: &HeaderMap) -> Response {
-    error_for(
-        headers,
-        StatusCode::NOT_FOUND,
-        "not_found",
-        "no link has this code",
-    )
-}
-
-/// The `Location` of a redirect: the long URL, with the request's query appended (before any
-/// fragment) when the link forwards queries.
-fn location(long_url: &str, query: Option<&str>) -> Result<HeaderValue, ()> {
-    let bytes = match query {
-        None => Bytes::copy_from_slice(long_url.as_bytes()),
-        Some(query) => {
-            let (base, fragment) = match long_url.find('#') {
-                Some(at) => long_url.split_at(at),
-                None => (long_url, ""),
-            };
-            let separator = if base.contains('?') { "&" } else { "?" };
-            Bytes::from([base, separator, query, fragment].concat())
-        }
+        );
     };
-    HeaderValue::from_maybe_shared(bytes).map_err(|_| ())
-}
-
-fn redirect(app: &App, status: RedirectStatus, location: HeaderValue) -> Response {
     let mut response = hyper::Response::new(Full::new(Bytes::new()));
-    let (status, cache_control) = match status {
-        RedirectStatus::MovedPermanently => (
-            StatusCode::MOVED_PERMANENTLY,
-            app.cache_control_permanent.clone(),
-        ),
-        RedirectStatus::PermanentRedirect => (
-            StatusCode::PERMANENT_REDIRECT,
-            app.cache_control_permanent.clone(),
-        ),
-        RedirectStatus::Found => (StatusCode::FOUND, CACHE_CONTROL_TEMPORARY.clone()),
-        RedirectStatus::TemporaryRedirect => (
-            StatusCode::TEMPORARY_REDIRECT,
-            CACHE_CONTROL_TEMPORARY.clone(),
-        ),
-    };
-    *response.status_mut() = status;
+    *response.status_mut() = StatusCode::from_u16(status.code()).unwrap_or(StatusCode::FOUND);
     let headers = response.headers_mut();
     headers.insert(header::LOCATION, location);
-    headers.insert(header::CACHE_CONTROL, cache_control);
+    headers.insert(header::CACHE_CONTROL, cache_control(app, status).clone());
     response
 }
 
@@ -153,18 +187,15 @@ mod tests {
 
     #[test]
     fn query_goes_before_the_fragment() {
-        let at = |url, query| location(url, query).map(|value| value.as_bytes().to_vec());
-        assert_eq!(
-            at("https://a.example/x", None),
-            Ok(b"https://a.example/x".to_vec())
-        );
+        let at = |url, query| location_parts(url, query).concat();
+        assert_eq!(at("https://a.example/x", None), "https://a.example/x");
         assert_eq!(
             at("https://a.example/x", Some("q=1")),
-            Ok(b"https://a.example/x?q=1".to_vec())
+            "https://a.example/x?q=1"
         );
         assert_eq!(
             at("https://a.example/x?a=b#top", Some("q=1")),
-            Ok(b"https://a.example/x?a=b&q=1#top".to_vec())
+            "https://a.example/x?a=b&q=1#top"
         );
     }
 }

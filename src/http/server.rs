@@ -18,7 +18,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
-use super::{admin, api, redirect, App, Response, ServeError};
+use super::{admin, api, fast, redirect, App, Response, ServeError};
 use crate::auth::Keys;
 use crate::config::ServeConfig;
 use crate::datafile::{self, ImportOptions};
@@ -234,7 +234,7 @@ fn import_sample(store: &Store, sample: &Path, config: &ServeConfig) {
 }
 
 /// Resolves once shutdown has been asked for (or the sender is gone).
-async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+pub(super) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     // An error means the sender was dropped, which also means stop.
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
@@ -296,6 +296,33 @@ async fn serve_connection(
         tracing::debug!("set_nodelay {peer}: {error}");
     }
     let timeout_header_read = Duration::from_millis(app.config.timeout_header_read_ms);
+    if kind == Listener::Public && !app.config.hyper_only {
+        let handed_over = fast::serve(
+            stream,
+            &app,
+            timeout_header_read,
+            REQUEST_HEAD_BYTES_MAX,
+            &mut shutdown,
+        )
+        .await;
+        if let Some(io) = handed_over {
+            serve_hyper(io, peer, app, kind, shutdown).await;
+        }
+    } else {
+        serve_hyper(stream, peer, app, kind, shutdown).await;
+    }
+}
+
+async fn serve_hyper<I>(
+    io: I,
+    peer: SocketAddr,
+    app: Arc<App>,
+    kind: Listener,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let timeout_header_read = Duration::from_millis(app.config.timeout_header_read_ms);
     let service = service_fn(move |request: Request<Incoming>| {
         let app = app.clone();
         async move { Ok::<_, Infallible>(route(&app, request, peer, kind).await) }
@@ -306,7 +333,7 @@ async fn serve_connection(
         .header_read_timeout(timeout_header_read)
         .max_buf_size(REQUEST_HEAD_BYTES_MAX.max(8192))
         .max_headers(REQUEST_HEADERS_MAX);
-    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    let connection = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(connection);
     tokio::select! {
         result = connection.as_mut() => {

@@ -295,3 +295,67 @@ pub fn request(
 pub fn data_dir() -> tempfile::TempDir {
     tempfile::tempdir().expect("tempdir")
 }
+
+/// One keep-alive HTTP/1.1 connection: requests go out without `Connection: close`, and each
+/// response is read by its Content-Length.
+pub struct KeepAlive {
+    stream: TcpStream,
+    pending: Vec<u8>,
+}
+
+impl KeepAlive {
+    pub fn connect(addr: SocketAddr) -> KeepAlive {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+        KeepAlive {
+            stream,
+            pending: Vec::new(),
+        }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("send");
+    }
+
+    /// Reads one response; `head` says it answers a HEAD (no body whatever Content-Length says).
+    pub fn read_reply(&mut self, head: bool) -> Reply {
+        let mut buffer = [0u8; 8192];
+        loop {
+            if let Some(end) = self.pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                let reply = parse_reply(&self.pending[..end + 4]);
+                let body_bytes = if head {
+                    0
+                } else {
+                    reply
+                        .header("content-length")
+                        .and_then(|value| value.parse::<usize>().ok())
+                        .unwrap_or(0)
+                };
+                if self.pending.len() >= end + 4 + body_bytes {
+                    let body = self.pending[end + 4..end + 4 + body_bytes].to_vec();
+                    self.pending.drain(..end + 4 + body_bytes);
+                    return Reply { body, ..reply };
+                }
+            }
+            let read = self.stream.read(&mut buffer).expect("read reply");
+            assert!(read > 0, "connection closed mid-reply");
+            self.pending.extend_from_slice(&buffer[..read]);
+        }
+    }
+
+    pub fn request(&mut self, method: &str, path: &str, headers: &[(&str, &str)]) -> Reply {
+        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: kurz.test\r\n");
+        for (name, value) in headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        head.push_str("\r\n");
+        self.send(head.as_bytes());
+        self.read_reply(method == "HEAD")
+    }
+
+    /// Whether the server has closed the connection (reads EOF within the IO timeout).
+    pub fn closed_by_server(&mut self) -> bool {
+        let mut buffer = [0u8; 64];
+        matches!(self.stream.read(&mut buffer), Ok(0))
+    }
+}

@@ -1,0 +1,373 @@
+//! The lean HTTP/1.1 path of the public listener: parses requests with httparse straight from the
+//! connection's buffer and answers `GET`/`HEAD /{code}` with pre-shaped bytes (one read, one
+//! write per request, no per-request allocation beyond the buffers a connection keeps). Anything
+//! else — another method or route, a body, `Connection: close`, `Expect`, HTTP/1.0, malformed or
+//! oversized heads — hands the connection, with every byte already read, to hyper for the rest
+//! of its life, so hyper stays the one place that deals with unusual HTTP.
+//! Never answers anything but `/{code}`, and never reads the store except through
+//! [`redirect::decide`].
+
+use std::cell::RefCell;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, Bytes, BytesMut};
+use hyper::StatusCode;
+use time::macros::format_description;
+use time::OffsetDateTime;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use super::redirect::{self, Verdict};
+use super::App;
+use crate::metrics::Route;
+use crate::store::link::RedirectStatus;
+
+/// Bytes a connection's read buffer grows by; also its starting size.
+const READ_CHUNK_BYTES: usize = 4096;
+/// Headers the fast path parses; a request with more goes to hyper (which caps them itself).
+const HEADERS_MAX: usize = 32;
+
+/// A connection handed to hyper: the bytes the fast path read but did not answer, then the socket.
+pub struct Prefixed {
+    prefix: Bytes,
+    stream: TcpStream,
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let count = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix[..count]);
+            this.prefix.advance(count);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+/// What one parse of the buffer led to.
+enum Step {
+    /// A request of this many bytes was answered into the output buffer.
+    Answered(usize),
+    /// The head is not complete yet.
+    Partial,
+    /// Not for the fast path: hyper takes the connection.
+    Hyper,
+}
+
+/// Serves `stream` until it closes (None) or a request needs hyper (Some, with the unanswered
+/// bytes). `timeout` bounds how long a request head (or an idle keep-alive wait) may take.
+pub async fn serve(
+    mut stream: TcpStream,
+    app: &App,
+    timeout: Duration,
+    head_bytes_max: usize,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<Prefixed> {
+    let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
+    let mut out = Vec::with_capacity(READ_CHUNK_BYTES);
+    let mut head_deadline = None;
+    loop {
+        while !buf.is_empty() {
+            match step(app, &buf, head_bytes_max, &mut out) {
+                Step::Answered(consumed) => {
+                    buf.advance(consumed);
+                    head_deadline = None;
+                }
+                Step::Partial => break,
+                Step::Hyper => {
+                    if !out.is_empty() && stream.write_all(&out).await.is_err() {
+                        return None;
+                    }
+                    return Some(Prefixed {
+                        prefix: buf.freeze(),
+                        stream,
+                    });
+                }
+            }
+        }
+        if !out.is_empty() {
+            if stream.write_all(&out).await.is_err() {
+                return None;
+            }
+            out.clear();
+        }
+        let stop = *shutdown.borrow();
+        if stop && buf.is_empty() {
+            return None;
+        }
+        let deadline = *head_deadline.get_or_insert_with(|| tokio::time::Instant::now() + timeout);
+        buf.reserve(READ_CHUNK_BYTES);
+        let read = tokio::select! {
+            read = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)) => read,
+            () = super::server::stopped(shutdown), if buf.is_empty() && !stop => return None,
+        };
+        match read {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return None,
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// Parses the request at the start of `buf` and, if it is a plain `GET`/`HEAD /{code}`, answers
+/// it into `out`.
+fn step(app: &App, buf: &[u8], head_bytes_max: usize, out: &mut Vec<u8>) -> Step {
+    let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
+    let mut request = httparse::Request::new(&mut headers);
+    let consumed = match request.parse(buf) {
+        Ok(httparse::Status::Complete(consumed)) => consumed,
+        Ok(httparse::Status::Partial) if buf.len() <= head_bytes_max => return Step::Partial,
+        Ok(httparse::Status::Partial) | Err(_) => return Step::Hyper,
+    };
+    let (Some(method), Some(target), Some(1)) = (request.method, request.path, request.version)
+    else {
+        return Step::Hyper;
+    };
+    let head = match method {
+        "GET" => false,
+        "HEAD" => true,
+        _ => return Step::Hyper,
+    };
+    let (path, query) = match target.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (target, None),
+    };
+    if !path.starts_with('/')
+        || path.starts_with("/api/")
+        || path == "/healthz"
+        || path == "/readyz"
+    {
+        return Step::Hyper;
+    }
+    let mut accepts_json = false;
+    for header in request.headers.iter() {
+        let name = header.name;
+        if name.eq_ignore_ascii_case("accept") {
+            accepts_json =
+                contains(header.value, b"application/json") || contains(header.value, b"+json");
+        } else if (name.eq_ignore_ascii_case("content-length") && header.value != b"0")
+            || name.eq_ignore_ascii_case("transfer-encoding")
+            || name.eq_ignore_ascii_case("connection")
+            || name.eq_ignore_ascii_case("expect")
+            || name.eq_ignore_ascii_case("upgrade")
+        {
+            return Step::Hyper;
+        }
+    }
+    let started = Instant::now();
+    let status = redirect::decide(app, head, path, query, |verdict| {
+        write_verdict(app, head, accepts_json, verdict, out)
+    });
+    app.metrics
+        .redirect_latency(started.elapsed().as_micros() as u64);
+    app.metrics.request(Route::Redirect, status);
+    Step::Answered(consumed)
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|window| window == needle)
+}
+
+/// Whether `text` may stand in a header value as it is (visible ASCII, spaces and tabs).
+fn header_safe(text: &str) -> bool {
+    text.bytes()
+        .all(|byte| byte == b'\t' || (b' '..=b'~').contains(&byte))
+}
+
+fn status_line(status: RedirectStatus) -> &'static [u8] {
+    match status {
+        RedirectStatus::MovedPermanently => b"HTTP/1.1 301 Moved Permanently\r\n",
+        RedirectStatus::Found => b"HTTP/1.1 302 Found\r\n",
+        RedirectStatus::TemporaryRedirect => b"HTTP/1.1 307 Temporary Redirect\r\n",
+        RedirectStatus::PermanentRedirect => b"HTTP/1.1 308 Permanent Redirect\r\n",
+    }
+}
+
+/// Writes the response to `verdict` into `out` and returns its status code.
+fn write_verdict(
+    app: &App,
+    head: bool,
+    accepts_json: bool,
+    verdict: Verdict<'_>,
+    out: &mut Vec<u8>,
+) -> u16 {
+    if let Verdict::Redirect {
+        status,
+        long_url,
+        query,
+    } = verdict
+    {
+        let parts = redirect::location_parts(long_url, query);
+        if parts.iter().all(|part| header_safe(part)) {
+            out.extend_from_slice(status_line(status));
+            out.extend_from_slice(b"location: ");
+            for part in parts {
+                out.extend_from_slice(part.as_bytes());
+            }
+            out.extend_from_slice(b"\r\ncache-control: ");
+            out.extend_from_slice(redirect::cache_control(app, status).as_bytes());
+            out.extend_from_slice(b"\r\ncontent-length: 0\r\n");
+            write_date(out);
+            out.extend_from_slice(b"\r\n");
+            return status.code();
+        }
+        return write_error(
+            out,
+            head,
+            accepts_json,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "bad_target",
+            "the stored target of this link is not a valid Location",
+        );
+    }
+    let (status, code, message) =
+        verdict
+            .error()
+            .unwrap_or((StatusCode::NOT_FOUND, "not_found", "no link has this code"));
+    write_error(out, head, accepts_json, status, code, message)
+}
+
+/// An error answer shaped like the hyper path's: JSON `{"code","error"}` when the client accepts
+/// JSON, else one line of text. `code` and `message` are fixed strings without quotes.
+fn write_error(
+    out: &mut Vec<u8>,
+    head: bool,
+    accepts_json: bool,
+    status: StatusCode,
+    code: &str,
+    message: &str,
+) -> u16 {
+    let (content_type, body): (&[u8], [&str; 5]) = if accepts_json {
+        (
+            b"application/json",
+            ["{\"code\":\"", code, "\",\"error\":\"", message, "\"}\n"],
+        )
+    } else {
+        (b"text/plain; charset=utf-8", [message, "\n", "", "", ""])
+    };
+    let body_bytes: usize = body.iter().map(|part| part.len()).sum();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\ncontent-type: ");
+    out.extend_from_slice(content_type);
+    out.extend_from_slice(b"\r\ncontent-length: ");
+    out.extend_from_slice(body_bytes.to_string().as_bytes());
+    out.extend_from_slice(b"\r\n");
+    write_date(out);
+    out.extend_from_slice(b"\r\n");
+    if !head {
+        for part in body {
+            out.extend_from_slice(part.as_bytes());
+        }
+    }
+    status.as_u16()
+}
+
+thread_local! {
+    /// The `date:` header line of the current second, formatted once per second per thread.
+    static DATE_LINE: RefCell<(u64, Vec<u8>)> = const { RefCell::new((0, Vec::new())) };
+}
+
+fn write_date(out: &mut Vec<u8>) {
+    let now_s = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs());
+    DATE_LINE.with(|cell| {
+        let mut cached = cell.borrow_mut();
+        if cached.0 != now_s || cached.1.is_empty() {
+            cached.0 = now_s;
+            cached.1.clear();
+            let format = format_description!(
+                "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+            );
+            if let Some(text) = OffsetDateTime::from_unix_timestamp(now_s as i64)
+                .ok()
+                .and_then(|time| time.format(&format).ok())
+            {
+                cached.1.extend_from_slice(b"date: ");
+                cached.1.extend_from_slice(text.as_bytes());
+                cached.1.extend_from_slice(b"\r\n");
+            }
+        }
+        out.extend_from_slice(&cached.1);
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn date_line_is_an_imf_fixdate() {
+        let mut out = Vec::new();
+        write_date(&mut out);
+        let line = String::from_utf8(out).expect("ascii");
+        assert!(
+            line.starts_with("date: ") && line.ends_with(" GMT\r\n"),
+            "{line:?}"
+        );
+        assert_eq!(line.len(), "date: Sun, 06 Nov 1994 08:49:37 GMT\r\n".len());
+    }
+
+    #[test]
+    fn error_bodies_match_their_length() {
+        let mut out = Vec::new();
+        let status = write_error(&mut out, false, true, StatusCode::GONE, "expired", "gone");
+        assert_eq!(status, 410);
+        let text = String::from_utf8(out).expect("ascii");
+        assert!(text.starts_with("HTTP/1.1 410 Gone\r\n"));
+        let (head, body) = text.split_once("\r\n\r\n").expect("head end");
+        assert!(head.contains(&format!("content-length: {}", body.len())));
+        let parsed: serde_json::Value = serde_json::from_str(body).expect("json");
+        assert_eq!(parsed["code"], "expired");
+    }
+
+    #[test]
+    fn header_safety() {
+        assert!(header_safe("https://example.com/a?b=c#d"));
+        assert!(!header_safe("https://example.com/\r\nx: y"));
+    }
+}

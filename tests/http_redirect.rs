@@ -1,0 +1,172 @@
+//! The redirect path over keep-alive connections, where the lean fast path answers: every
+//! answer must match what hyper gives for the same request (`--hyper-only`), pipelined requests
+//! must be answered in order, and a connection must move to hyper mid-way without losing bytes.
+
+mod common;
+
+use common::{add_key, data_dir, KeepAlive, Reply, Server};
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    server: Server,
+}
+
+/// A server with a few links in every state, fast path on or off.
+fn setup(hyper_only: bool) -> Setup {
+    let dir = data_dir();
+    let key = add_key(dir.path(), "writer", "write");
+    let mut flags = vec!["--cache-max-age-s", "600"];
+    if hyper_only {
+        flags.push("--hyper-only");
+    }
+    let server = Server::start(dir.path(), &flags);
+    for body in [
+        r#"{"long_url":"https://example.com/found","custom_alias":"found"}"#,
+        r#"{"long_url":"https://example.com/perm","custom_alias":"perm","redirect_status":301}"#,
+        r#"{"long_url":"https://example.com/p308","custom_alias":"p308","redirect_status":308}"#,
+        r#"{"long_url":"https://example.com/t307","custom_alias":"t307","redirect_status":307}"#,
+        r#"{"long_url":"https://example.com/q?a=1#f","custom_alias":"fwd","forward_query":true}"#,
+        r#"{"long_url":"https://example.com/cap","custom_alias":"cap","max_clicks":1}"#,
+        r#"{"long_url":"https://example.com/gone","custom_alias":"gone"}"#,
+    ] {
+        server.create(&key, body);
+    }
+    assert_eq!(
+        server
+            .with_key("DELETE", "/api/v1/urls/gone", &key, "")
+            .status,
+        204
+    );
+    Setup { _dir: dir, server }
+}
+
+/// The requests every mode must answer alike: (method, path, Accept).
+const CASES: &[(&str, &str, &str)] = &[
+    ("GET", "/found", ""),
+    ("HEAD", "/found", ""),
+    ("GET", "/perm", ""),
+    ("GET", "/p308", ""),
+    ("GET", "/t307", ""),
+    ("GET", "/fwd?x=1&y=2", ""),
+    ("GET", "/fwd", ""),
+    ("GET", "/cap", ""),
+    ("GET", "/cap", "application/json"),
+    ("HEAD", "/cap", ""),
+    ("GET", "/gone", ""),
+    ("GET", "/gone", "application/json"),
+    ("GET", "/unknown", ""),
+    ("GET", "/unknown", "application/json, text/html"),
+    ("HEAD", "/unknown", ""),
+    ("GET", "/bad.charset", ""),
+    ("GET", "/", ""),
+];
+
+/// Status, Location, Cache-Control, Content-Type and body.
+type Essence = (u16, Option<String>, Option<String>, Option<String>, String);
+
+/// What must agree between the two paths (hyper adds nothing else of note).
+fn essence(reply: &Reply) -> Essence {
+    (
+        reply.status,
+        reply.header("location").map(str::to_owned),
+        reply.header("cache-control").map(str::to_owned),
+        reply.header("content-type").map(str::to_owned),
+        reply.text(),
+    )
+}
+
+fn answers(hyper_only: bool) -> Vec<Essence> {
+    let setup = setup(hyper_only);
+    let mut connection = KeepAlive::connect(setup.server.public);
+    CASES
+        .iter()
+        .map(|(method, path, accept)| {
+            let headers: Vec<(&str, &str)> = if accept.is_empty() {
+                Vec::new()
+            } else {
+                vec![("Accept", accept)]
+            };
+            let reply = connection.request(method, path, &headers);
+            assert!(reply.header("date").is_some(), "{method} {path}: no Date");
+            essence(&reply)
+        })
+        .collect()
+}
+
+#[test]
+fn the_fast_path_answers_exactly_like_hyper() {
+    let fast = answers(false);
+    let hyper = answers(true);
+    for (index, (fast, hyper)) in fast.iter().zip(&hyper).enumerate() {
+        assert_eq!(fast, hyper, "{:?}", CASES[index]);
+    }
+    let statuses: Vec<u16> = fast.iter().map(|answer| answer.0).collect();
+    assert_eq!(
+        statuses,
+        vec![302, 302, 301, 308, 307, 302, 302, 302, 410, 410, 410, 410, 404, 404, 404, 404, 404]
+    );
+    assert_eq!(fast[2].2.as_deref(), Some("public, max-age=600"));
+    assert_eq!(
+        fast[5].1.as_deref(),
+        Some("https://example.com/q?a=1&x=1&y=2#f")
+    );
+    assert_eq!(
+        fast[8].4,
+        "{\"code\":\"click_cap_reached\",\"error\":\"this link has reached its click limit\"}\n"
+    );
+    assert!(fast[9].4.is_empty(), "HEAD has no body");
+}
+
+#[test]
+fn pipelined_requests_are_answered_in_order() {
+    let setup = setup(false);
+    let mut connection = KeepAlive::connect(setup.server.public);
+    let mut burst = Vec::new();
+    for path in ["/found", "/unknown", "/perm", "/found"] {
+        burst.extend_from_slice(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
+    }
+    // Split mid-request so the fast path sees a partial head between reads.
+    let (first, second) = burst.split_at(burst.len() / 2 + 3);
+    connection.send(first);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    connection.send(second);
+    let statuses: Vec<u16> = (0..4)
+        .map(|_| connection.read_reply(false).status)
+        .collect();
+    assert_eq!(statuses, vec![302, 404, 301, 302]);
+}
+
+#[test]
+fn a_connection_moves_to_hyper_without_losing_bytes() {
+    let setup = setup(false);
+    let mut connection = KeepAlive::connect(setup.server.public);
+    assert_eq!(connection.request("GET", "/found", &[]).status, 302);
+    // A POST, a GET right behind it in the same write, then more redirects: hyper serves them all.
+    connection.send(
+        b"POST /found HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabcGET /perm HTTP/1.1\r\nHost: t\r\n\r\n",
+    );
+    assert_eq!(connection.read_reply(false).status, 405);
+    assert_eq!(connection.read_reply(false).status, 301);
+    assert_eq!(connection.request("GET", "/readyz", &[]).status, 200);
+    assert_eq!(connection.request("GET", "/found", &[]).status, 302);
+    let reply = connection.request("GET", "/found", &[("Connection", "close")]);
+    assert_eq!(reply.status, 302);
+    assert!(connection.closed_by_server());
+}
+
+#[test]
+fn an_idle_keep_alive_connection_is_closed_after_the_timeout() {
+    let dir = data_dir();
+    std::fs::write(
+        dir.path().join("sample-links.tsv"),
+        "rust\thttps://www.rust-lang.org/\n",
+    )
+    .expect("sample");
+    let server = Server::start(dir.path(), &["--timeout-header-read-ms", "200"]);
+    let mut connection = KeepAlive::connect(server.public);
+    assert_eq!(connection.request("GET", "/rust", &[]).status, 302);
+    assert!(connection.closed_by_server());
+    let mut slow = KeepAlive::connect(server.public);
+    slow.send(b"GET /rust HTTP/1.1\r\n");
+    assert!(slow.closed_by_server(), "an unfinished head is cut off too");
+}
