@@ -225,5 +225,46 @@ fn snapshot_files(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, lookups, creates, snapshot_files);
+/// Start-up after a crash with one million records in the WAL and none in the snapshot.
+fn recovery(c: &mut Criterion) {
+    const RECORDS: usize = 1_000_000;
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
+    let links = synthetic_links(RECORDS, 4);
+    {
+        let store = Arc::new(Store::open(dir.path(), options(FsyncPolicy::Never)).expect("open"));
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .expect("runtime");
+        for chunk in links.chunks(CONCURRENT_CREATES * 4) {
+            let tasks: Vec<_> = chunk
+                .iter()
+                .map(|(code, url)| {
+                    let store = store.clone();
+                    let link = link(code, url);
+                    runtime.spawn(async move { store.create(link).await })
+                })
+                .collect();
+            runtime.block_on(async {
+                for task in tasks {
+                    task.await.expect("join").expect("create");
+                }
+            });
+        }
+        drop(runtime);
+        Arc::try_unwrap(store).ok().expect("sole owner").close();
+    }
+    let mut group = c.benchmark_group("recovery");
+    group.sample_size(10);
+    group.bench_function("replay_1m_wal_records", |b| {
+        b.iter(|| {
+            let store = Store::open(dir.path(), options(FsyncPolicy::Never)).expect("reopen");
+            assert_eq!(store.recovery().wal_records_replayed, RECORDS as u64);
+            store.close();
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, lookups, creates, snapshot_files, recovery);
 criterion_main!(benches);
