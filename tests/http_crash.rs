@@ -15,7 +15,7 @@ use common::{add_key, data_dir, parse_reply, raw, request, Server};
 fn every_acknowledged_create_survives_kill_9() {
     let dir = data_dir();
     let key = add_key(dir.path(), "writer", "write");
-    let server = Server::start(dir.path(), &[]);
+    let server = Server::start(dir.path(), &["--rate-limit-burst", "100000"]);
     let codes: Vec<(String, String)> = std::thread::scope(|scope| {
         let threads: Vec<_> = (0..4)
             .map(|thread| {

@@ -95,7 +95,8 @@ enum Step {
 }
 
 /// Serves `stream` until it closes (None) or a request needs hyper (Some, with the unanswered
-/// bytes). `timeout` bounds how long a request head (or an idle keep-alive wait) may take.
+/// bytes). `timeout` bounds how long a request head (or an idle keep-alive wait) may take, and
+/// how long a client may leave its answers unread.
 pub async fn serve(
     mut stream: TcpStream,
     app: &App,
@@ -115,7 +116,7 @@ pub async fn serve(
                 }
                 Step::Partial => break,
                 Step::Hyper => {
-                    if !out.is_empty() && stream.write_all(&out).await.is_err() {
+                    if !out.is_empty() && !write_all(&mut stream, &out, timeout).await {
                         return None;
                     }
                     return Some(Prefixed {
@@ -126,7 +127,7 @@ pub async fn serve(
             }
         }
         if !out.is_empty() {
-            if stream.write_all(&out).await.is_err() {
+            if !write_all(&mut stream, &out, timeout).await {
                 return None;
             }
             out.clear();
@@ -146,6 +147,15 @@ pub async fn serve(
             Ok(Ok(_)) => {}
         }
     }
+}
+
+/// Writes `bytes`, giving a client that does not read its responses `timeout` to make room;
+/// false means the connection is done.
+async fn write_all(stream: &mut TcpStream, bytes: &[u8], timeout: Duration) -> bool {
+    matches!(
+        tokio::time::timeout(timeout, stream.write_all(bytes)).await,
+        Ok(Ok(()))
+    )
 }
 
 /// Parses the request at the start of `buf` and, if it is a plain `GET`/`HEAD /{code}`, answers
