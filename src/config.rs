@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 use std::fs;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -136,6 +136,10 @@ pub struct ServeArgs {
     /// Creations a key or IP may make at once before the per-second rate applies [default: 200].
     #[arg(long, env = "KURZ_RATE_LIMIT_BURST")]
     pub rate_limit_burst: Option<u32>,
+    /// Comma-separated addresses of reverse proxies whose X-Forwarded-For names the client
+    /// (for per-IP rate limits); from anyone else the header is ignored [default: none].
+    #[arg(long, env = "KURZ_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Option<Vec<IpAddr>>,
     /// Open connections per listener; further clients wait in the accept backlog [default: 10000].
     #[arg(long, env = "KURZ_CONNECTIONS_MAX")]
     pub connections_max: Option<usize>,
@@ -183,6 +187,7 @@ impl ServeArgs {
             batch_body_bytes_max: self.batch_body_bytes_max.or(file.batch_body_bytes_max),
             rate_limit_per_s: self.rate_limit_per_s.or(file.rate_limit_per_s),
             rate_limit_burst: self.rate_limit_burst.or(file.rate_limit_burst),
+            trusted_proxies: self.trusted_proxies.or(file.trusted_proxies),
             connections_max: self.connections_max.or(file.connections_max),
             timeout_header_read_ms: self.timeout_header_read_ms.or(file.timeout_header_read_ms),
             timeout_shutdown_ms: self.timeout_shutdown_ms.or(file.timeout_shutdown_ms),
@@ -218,6 +223,7 @@ pub struct ServeConfig {
     pub batch_body_bytes_max: usize,
     pub rate_limit_per_s: f64,
     pub rate_limit_burst: u32,
+    pub trusted_proxies: Vec<IpAddr>,
     pub connections_max: usize,
     pub timeout_header_read_ms: u64,
     pub timeout_shutdown_ms: u64,
@@ -414,6 +420,7 @@ impl ServeConfig {
             batch_body_bytes_max,
             rate_limit_per_s,
             rate_limit_burst,
+            trusted_proxies: args.trusted_proxies.unwrap_or_default(),
             connections_max,
             timeout_header_read_ms,
             timeout_shutdown_ms: args

@@ -755,3 +755,48 @@ fn counter_and_hash_code_strategies() {
     );
     assert_ne!(fresh.json()["short_code"], first.json()["short_code"]);
 }
+
+#[test]
+fn per_ip_limits_follow_x_forwarded_for_only_from_trusted_proxies() {
+    let create = |server: &Server, forwarded_for: &str| {
+        request(
+            server.public,
+            "POST",
+            "/api/v1/shorten",
+            &[
+                ("Content-Type", "application/json"),
+                ("X-Forwarded-For", forwarded_for),
+            ],
+            br#"{"long_url":"https://example.com/xff"}"#,
+        )
+        .status
+    };
+    let limits = [
+        "--allow-anonymous-create",
+        "--rate-limit-burst",
+        "1",
+        "--rate-limit-per-s",
+        "0.01",
+    ];
+    let dir = data_dir();
+    let mut flags = limits.to_vec();
+    flags.extend(["--trusted-proxies", "127.0.0.1"]);
+    let server = Server::start(dir.path(), &flags);
+    assert_eq!(create(&server, "203.0.113.1"), 201);
+    assert_eq!(create(&server, "203.0.113.1"), 429);
+    assert_eq!(
+        create(&server, "198.51.100.7, 127.0.0.1"),
+        201,
+        "a second client behind the proxy"
+    );
+    drop(server);
+
+    let dir = data_dir();
+    let server = Server::start(dir.path(), &limits);
+    assert_eq!(create(&server, "203.0.113.1"), 201);
+    assert_eq!(
+        create(&server, "198.51.100.7"),
+        429,
+        "untrusted peers cannot pick their address"
+    );
+}

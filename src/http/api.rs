@@ -242,6 +242,30 @@ fn authorize_create(app: &App, headers: &HeaderMap) -> Result<Principal, ApiErro
     Ok(principal)
 }
 
+/// Longest X-Forwarded-For worth reading; a longer one is ignored.
+const FORWARDED_FOR_BYTES_MAX: usize = 1024;
+
+/// The client's address: the peer, or, when the peer is a trusted proxy, the right-most address
+/// in X-Forwarded-For that is not itself a trusted proxy.
+fn client_ip(app: &App, headers: &HeaderMap, peer: IpAddr) -> IpAddr {
+    let trusted = &app.config.trusted_proxies;
+    if !trusted.contains(&peer) {
+        return peer;
+    }
+    let forwarded = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .filter(|value| value.len() <= FORWARDED_FOR_BYTES_MAX)
+        .collect::<Vec<_>>()
+        .join(",");
+    forwarded
+        .rsplit(',')
+        .filter_map(|entry| entry.trim().parse::<IpAddr>().ok())
+        .find(|address| !trusted.contains(address))
+        .unwrap_or(peer)
+}
+
 /// Takes `cost` tokens from the caller's key bucket (if any) and client-IP bucket.
 fn rate_limit(app: &App, principal: &Principal, peer: IpAddr, cost: u32) -> Result<(), ApiError> {
     let rate_limited = |retry_after_s| ApiError {
@@ -596,7 +620,7 @@ async fn shorten(
     peer: IpAddr,
 ) -> Result<Response, ApiError> {
     let principal = authorize_create(app, request.headers())?;
-    rate_limit(app, &principal, peer, 1)?;
+    rate_limit(app, &principal, client_ip(app, request.headers(), peer), 1)?;
     let body: ShortenRequest = read_json(request, app.config.body_bytes_max).await?;
     let Inserted { link, reused } = create_one(app, body).await?;
     let status = if reused {
@@ -624,6 +648,7 @@ async fn shorten_batch(
     peer: IpAddr,
 ) -> Result<Response, ApiError> {
     let principal = authorize_create(app, request.headers())?;
+    let client = client_ip(app, request.headers(), peer);
     let body: BatchRequest = read_json(request, app.config.batch_body_bytes_max).await?;
     if body.items.len() > BATCH_ITEMS_MAX {
         return Err(ApiError::bad_request(
@@ -635,7 +660,7 @@ async fn shorten_batch(
         ));
     }
     // One token per item, at most the burst (else a batch larger than the burst could never pass).
-    rate_limit(app, &principal, peer, body.items.len().max(1) as u32)?;
+    rate_limit(app, &principal, client, body.items.len().max(1) as u32)?;
     let mut tasks = tokio::task::JoinSet::new();
     for (index, item) in body.items.into_iter().enumerate() {
         let app = app.clone();
