@@ -133,6 +133,21 @@ cpu_ticks() {
     echo "$total"
 }
 
+# Busy clock ticks (everything but idle and iowait) of the server and generator CPUs together.
+busy_ticks() {
+    awk -v a="cpu$SERVER_CPU" -v b="cpu$CLIENT_CPU" \
+        '$1 == a || $1 == b { busy += $2 + $3 + $4 + $7 + $8 + $9 } END { print busy }' /proc/stat
+}
+
+# Leaves in CHILDREN_CPU_S the user+system seconds of every child this shell has waited for
+# (the `times` builtin, which must run in this shell, not in a $(...) subshell).
+children_cpu_s() {
+    times >"$WORK/times.txt"
+    CHILDREN_CPU_S=$(awk 'NR == 2 {
+        split($1, u, /[ms]/); split($2, s, /[ms]/); printf "%.3f", u[1] * 60 + u[2] + s[1] * 60 + s[2]
+    }' "$WORK/times.txt")
+}
+
 rss_kb() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
 
 # Status code of GET /CODE, or 000 if nothing answers.
@@ -159,19 +174,30 @@ wait_for_redirect() {
 
 json_field() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))" "$@"; }
 
-# Runs the generator against PORT with extra flags; leaves JSON in OUT, and in LOAD_REQUESTS and
-# LOAD_CPU_S the requests it completed (or failed) and the server's CPU time over the run.
+# Runs the generator against PORT with extra flags; leaves JSON in OUT, in LOAD_REQUESTS and
+# LOAD_CPU_S the requests it completed (or failed) and the server's CPU time over the run, and in
+# LOAD_OTHER_PCT how much of the two CPUs anything else used meanwhile (a sign of a noisy run).
 run_load() {
     local port=$1 pid=$2 out=$3
     shift 3
-    local before after
+    local before after busy_before busy_after client_before client_after start_s wall_s
     before=$(cpu_ticks "$pid")
+    busy_before=$(busy_ticks)
+    children_cpu_s
+    client_before=$CHILDREN_CPU_S
+    start_s=$(now_s)
     taskset -c "$CLIENT_CPU" "$LOADTEST" --url "http://127.0.0.1:$port" --codes "$CODES" \
         --connections "$CONNECTIONS" --quiet --json "$@" >"$out" || {
         local status=$?
         [[ $status == 1 ]] || die "loadtest failed against port $port (exit $status)"
     }
     after=$(cpu_ticks "$pid")
+    busy_after=$(busy_ticks)
+    children_cpu_s
+    client_after=$CHILDREN_CPU_S
+    wall_s=$(calc "$(now_s) - $start_s" 3)
+    LOAD_OTHER_PCT=$(calc "100 * (($busy_after - $busy_before - $after + $before) / $CLK_TCK \
+        - ($client_after - $client_before)) / (2 * $wall_s)" 0)
     LOAD_REQUESTS=$(json_field "$out" "d['requests'] + d['errors']['total']")
     LOAD_CPU_S=$(calc "($after - $before) / $CLK_TCK" 3)
 }
@@ -188,7 +214,7 @@ request = function() return wrk.format("GET", codes[math.random(#codes)]) end
 EOF
 
 RESULTS=$WORK/results.tsv
-printf 'server\tready_s\tpeak_rps\tpeak_p99_us\tpeak_req_per_cpu_s\tpeak_server_cpu\twrk_rps\twrk_p99\trate50\tp99_50_us\tp999_50_us\treq_per_cpu_s_50\trate90\tp99_90_us\tp999_90_us\trss_mb\trss_per_raw\treload_s\terrors\n' >"$RESULTS"
+printf 'server\tready_s\tpeak_rps\tpeak_p99_us\tpeak_req_per_cpu_s\tpeak_server_cpu\tpeak_other_cpu\twrk_rps\twrk_p99\trate50\tp99_50_us\tp999_50_us\treq_per_cpu_s_50\trate90\tp99_90_us\tp999_90_us\trss_mb\trss_per_raw\treload_s\terrors\n' >"$RESULTS"
 
 # Measures one running server: SERVER_NAME PORT PID SERVING_PID READY_S RELOAD_CMD
 measure() {
@@ -218,7 +244,8 @@ measure() {
 
     local errors
     errors=$(json_field "$out-peak.json" "d['errors']['total']")
-    local row=("$name" "$ready_s" "$peak_rps" "$peak_p99" "$peak_per_cpu" "$peak_cpu" "${wrk_rps:--}" "${wrk_p99:--}")
+    local peak_other=$LOAD_OTHER_PCT%
+    local row=("$name" "$ready_s" "$peak_rps" "$peak_p99" "$peak_per_cpu" "$peak_cpu" "$peak_other" "${wrk_rps:--}" "${wrk_p99:--}")
     local share rate
     for share in 50 90; do
         rate=$((peak_rps * share / 100))
@@ -388,14 +415,15 @@ run_kurz
 
 echo
 echo "$LINKS links ($((RAW_BYTES / 1000000)) MB of code+URL), server on CPU $SERVER_CPU, loadtest on CPU $CLIENT_CPU, $CONNECTIONS connections, $DURATION per run"
-echo "latencies in microseconds; rates in requests per second; req/CPU-s = requests per server CPU-second"
+echo "latencies in microseconds; rates in requests per second; req/CPU-s = requests per server CPU-second;"
+echo "other CPU = share of the two CPUs used by other processes during the peak run (should be near 0%)"
 python3 - "$RESULTS" <<'EOF'
 import csv, sys
 rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
 columns = [
     ("server", "server"), ("ready s", "ready_s"), ("peak (closed)", "peak_rps"),
     ("p99 @peak", "peak_p99_us"), ("req/CPU-s @peak", "peak_req_per_cpu_s"),
-    ("server CPU", "peak_server_cpu"), ("wrk peak", "wrk_rps"), ("wrk p99", "wrk_p99"),
+    ("server CPU", "peak_server_cpu"), ("other CPU", "peak_other_cpu"), ("wrk peak", "wrk_rps"), ("wrk p99", "wrk_p99"),
     ("50% rate", "rate50"), ("p99", "p99_50_us"), ("p99.9", "p999_50_us"),
     ("req/CPU-s", "req_per_cpu_s_50"), ("90% rate", "rate90"), ("p99 ", "p99_90_us"),
     ("p99.9 ", "p999_90_us"), ("RSS MB", "rss_mb"), ("RSS/raw", "rss_per_raw"),
