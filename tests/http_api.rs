@@ -800,3 +800,37 @@ fn per_ip_limits_follow_x_forwarded_for_only_from_trusted_proxies() {
         "untrusted peers cannot pick their address"
     );
 }
+
+#[test]
+fn blocklist_and_private_addresses_are_refused() {
+    let dir = data_dir();
+    let key = add_key(dir.path(), "writer", "write");
+    let blocklist = dir.path().join("blocked.txt");
+    std::fs::write(&blocklist, "# spam\nevil.example\n").expect("blocklist");
+    let server = Server::start(
+        dir.path(),
+        &[
+            "--blocklist",
+            blocklist.to_str().expect("utf-8 path"),
+            "--reject-private-addresses",
+        ],
+    );
+    for (url, code) in [
+        ("https://evil.example/x", "blocked_domain"),
+        ("https://www.evil.example/x", "blocked_domain"),
+        ("http://10.0.0.1/", "private_address"),
+        ("http://[::1]/", "private_address"),
+    ] {
+        let reply = server.post_json(
+            "/api/v1/shorten",
+            &key,
+            &format!(r#"{{"long_url":"{url}"}}"#),
+        );
+        assert_eq!(
+            (reply.status, reply.code()),
+            (400, code.to_owned()),
+            "{url}"
+        );
+    }
+    server.create(&key, r#"{"long_url":"https://good.example/x"}"#);
+}
