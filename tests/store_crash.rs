@@ -178,3 +178,111 @@ fn acknowledged_writes_survive_sigkill() {
     }
     assert!(acknowledged.len() as u32 >= ROUNDS);
 }
+
+const FULL_DISK_CHILD_ENV: &str = "KURZ_FULL_DISK_CHILD_DIR";
+/// Writes a child may attempt after the first failure; each must fail cleanly too.
+const WRITES_AFTER_FAILURE: u32 = 20;
+
+/// The child of `a_full_disk_fails_writes_and_loses_nothing`: runs under a file-size limit
+/// (`ulimit -f`), so WAL appends start failing with EFBIG as on a full disk.
+#[test]
+#[ignore = "child process of a_full_disk_fails_writes_and_loses_nothing, started by it"]
+fn full_disk_child_writer() {
+    let dir = std::env::var(FULL_DISK_CHILD_ENV).expect("child needs its data dir");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let store = Store::open(Path::new(&dir), options()).expect("child opens store");
+    let mut failures = 0;
+    let mut out = std::io::stdout().lock();
+    for i in 0u64.. {
+        let code = format!("full{i}");
+        let link = Link {
+            long_url: url_for(&code),
+            code: code.clone(),
+            meta: LinkMeta::new(1_700_000_000),
+        };
+        match runtime.block_on(store.create(link)) {
+            Ok(_) => writeln!(out, "ACK {code}"),
+            Err(error) => {
+                failures += 1;
+                writeln!(out, "FAIL {code} {error}")
+            }
+        }
+        .expect("write to parent");
+        if failures > WRITES_AFTER_FAILURE {
+            break;
+        }
+    }
+    store.close();
+}
+
+#[test]
+fn a_full_disk_fails_writes_and_loses_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Create the data dir (snapshot, first segment) without a limit, then let the child write
+    // until the limit stops it. `ulimit -f` counts 512-byte blocks in POSIX sh; SIGXFSZ is
+    // ignored so the write fails with EFBIG instead of killing the process.
+    Store::open(dir.path(), options())
+        .expect("create data dir")
+        .close();
+    let output = Command::new("sh")
+        .arg("-c")
+        .arg("trap '' XFSZ; ulimit -f 128; exec \"$0\" \"$@\"")
+        .arg(std::env::current_exe().expect("test binary"))
+        .args([
+            "full_disk_child_writer",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--quiet",
+        ])
+        .env(FULL_DISK_CHILD_ENV, dir.path())
+        .stderr(Stdio::null())
+        .output()
+        .expect("run child");
+    assert!(
+        output.status.success(),
+        "child did not exit cleanly: {:?}",
+        output.status
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let acked: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("ACK "))
+        .collect();
+    let failed: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("FAIL "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert!(!acked.is_empty(), "the limit left no room at all");
+    assert_eq!(failed.len() as u32, WRITES_AFTER_FAILURE + 1, "{stdout}");
+
+    let store = Store::open(dir.path(), options()).expect("reopen with space again");
+    for code in &acked {
+        assert_eq!(
+            store.get(code).map(|link| link.long_url),
+            Some(url_for(code))
+        );
+    }
+    for code in &failed {
+        assert!(store.get(code).is_none(), "{code} failed yet exists");
+    }
+    assert!(
+        store.recovery().cut.is_none(),
+        "a failed write left a torn record behind"
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let again = Link {
+        code: "after".into(),
+        long_url: url_for("after"),
+        meta: LinkMeta::new(1_700_000_000),
+    };
+    runtime
+        .block_on(store.create(again))
+        .expect("writes work once there is space");
+}
