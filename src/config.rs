@@ -26,6 +26,9 @@ pub const RATE_LIMIT_BURST_DEFAULT: u32 = 200;
 pub const CONNECTIONS_MAX_DEFAULT: usize = 10_000;
 pub const TIMEOUT_HEADER_READ_MS_DEFAULT: u64 = 10_000;
 pub const TIMEOUT_SHUTDOWN_MS_DEFAULT: u64 = 10_000;
+pub const CLICKS_CHECKPOINT_MS_DEFAULT: u64 = 10_000;
+/// Checkpoints rewrite every counter, so they must not run back to back.
+const CLICKS_CHECKPOINT_MS_MIN: u64 = 100;
 /// Largest accepted blocklist file; a bigger one is almost certainly the wrong file.
 const BLOCKLIST_BYTES_MAX: u64 = 64 * 1024 * 1024;
 /// Largest accepted TOML config file.
@@ -147,6 +150,10 @@ pub struct ServeArgs {
     /// keep-alive connections too, so it is also the idle timeout [default: 10000].
     #[arg(long, env = "KURZ_TIMEOUT_HEADER_READ_MS")]
     pub timeout_header_read_ms: Option<u64>,
+    /// How often click counts are checkpointed to <data-dir>/clicks.tsv, in ms (they are also
+    /// written at shutdown; a kill -9 loses the clicks since the last checkpoint) [default: 10000].
+    #[arg(long, env = "KURZ_CLICKS_CHECKPOINT_MS")]
+    pub clicks_checkpoint_ms: Option<u64>,
     /// Serve the public listener with hyper alone, without the lean HTTP/1.1 path that answers
     /// plain GET/HEAD /{code} requests itself (for comparison and debugging).
     #[arg(long, env = "KURZ_HYPER_ONLY")]
@@ -191,6 +198,7 @@ impl ServeArgs {
             connections_max: self.connections_max.or(file.connections_max),
             timeout_header_read_ms: self.timeout_header_read_ms.or(file.timeout_header_read_ms),
             timeout_shutdown_ms: self.timeout_shutdown_ms.or(file.timeout_shutdown_ms),
+            clicks_checkpoint_ms: self.clicks_checkpoint_ms.or(file.clicks_checkpoint_ms),
             hyper_only: self.hyper_only || file.hyper_only,
         }
     }
@@ -227,6 +235,7 @@ pub struct ServeConfig {
     pub connections_max: usize,
     pub timeout_header_read_ms: u64,
     pub timeout_shutdown_ms: u64,
+    pub clicks_checkpoint_ms: u64,
     pub hyper_only: bool,
 }
 
@@ -392,6 +401,15 @@ impl ServeConfig {
         if timeout_header_read_ms == 0 {
             return Err(invalid("timeout_header_read_ms", "must be at least 1"));
         }
+        let clicks_checkpoint_ms = args
+            .clicks_checkpoint_ms
+            .unwrap_or(CLICKS_CHECKPOINT_MS_DEFAULT);
+        if clicks_checkpoint_ms < CLICKS_CHECKPOINT_MS_MIN {
+            return Err(invalid(
+                "clicks_checkpoint_ms",
+                format!("must be at least {CLICKS_CHECKPOINT_MS_MIN}"),
+            ));
+        }
         Ok(ServeConfig {
             data_dir,
             listen,
@@ -426,6 +444,7 @@ impl ServeConfig {
             timeout_shutdown_ms: args
                 .timeout_shutdown_ms
                 .unwrap_or(TIMEOUT_SHUTDOWN_MS_DEFAULT),
+            clicks_checkpoint_ms,
             hyper_only: args.hyper_only,
         })
     }

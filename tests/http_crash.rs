@@ -316,3 +316,48 @@ fn settings_come_from_a_config_file_and_the_environment() {
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("fsync"));
 }
+
+#[test]
+fn click_counts_and_caps_survive_restarts() {
+    let dir = data_dir();
+    let key = add_key(dir.path(), "writer", "write");
+    let server = Server::start(dir.path(), &["--clicks-checkpoint-ms", "100"]);
+    let code = server.create(
+        &key,
+        r#"{"long_url":"https://example.com/c","max_clicks":3}"#,
+    );
+    let path = format!("/{code}");
+    assert_eq!(server.get(&path).status, 302);
+    assert_eq!(server.get(&path).status, 302);
+    // Wait for a checkpoint holding both clicks, then crash.
+    let checkpoint = dir.path().join("clicks.tsv");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !std::fs::read_to_string(&checkpoint)
+        .unwrap_or_default()
+        .contains(&format!("{code}\t2\t"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint written"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server.kill9();
+
+    let server = Server::start(dir.path(), &[]);
+    assert_eq!(server.get(&path).status, 302, "the third click of three");
+    assert_eq!(
+        server.get(&path).status,
+        410,
+        "the cap holds across a crash"
+    );
+    let status = server.terminate();
+    assert!(status.success());
+
+    let server = Server::start(dir.path(), &[]);
+    let link = server
+        .with_key("GET", &format!("/api/v1/urls/{code}"), &key, "")
+        .json();
+    assert_eq!(link["clicks"], 3, "SIGTERM writes the last counts: {link}");
+    assert_eq!(server.get(&path).status, 410);
+}

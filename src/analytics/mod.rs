@@ -1,11 +1,29 @@
 //! Click counting: an exact per-link count of redirects served and the time of the last one,
 //! which also enforces `max_clicks`. Counts live in memory (a sharded map of atomics, no lock
-//! shared by all workers); never touches the store or a file, so counts start from zero when the
-//! server restarts.
+//! shared by all workers) and are checkpointed to `<data-dir>/clicks.tsv` (temp file, fsync,
+//! rename) by the server every few seconds and at shutdown, so a restart keeps them; a `kill -9`
+//! loses the clicks since the last checkpoint. Never touches the store.
 
+use std::fmt::Write as _;
+use std::fs::File;
+use std::io::{self, BufRead, BufReader};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use dashmap::DashMap;
+
+/// The checkpoint file in the data dir.
+pub const CLICKS_FILE: &str = "clicks.tsv";
+const CLICKS_FILE_HEADER: &str =
+    "# kurz click counts: code<TAB>clicks<TAB>last_clicked_at (unix s)";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClicksError {
+    #[error("cannot read click counts {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("cannot write click counts {path}: {source}")]
+    Write { path: PathBuf, source: io::Error },
+}
 
 /// One link's counters.
 #[derive(Default, Debug)]
@@ -71,6 +89,75 @@ impl ClickCounters {
     pub fn clicks_total(&self) -> u64 {
         self.clicks_total.load(Ordering::Relaxed)
     }
+
+    /// Adds the counts of a checkpoint file to these counters (a missing file adds nothing) and
+    /// returns how many links it named. A damaged line is skipped with a warning: counts are
+    /// statistics, not a reason to refuse to start.
+    pub fn restore(&self, path: &Path) -> Result<u64, ClicksError> {
+        let read_error = |source| ClicksError::Read {
+            path: path.to_owned(),
+            source,
+        };
+        let file = match File::open(path) {
+            Ok(file) => file,
+            Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(error) => return Err(read_error(error)),
+        };
+        let mut restored = 0;
+        for (index, line) in BufReader::new(file).lines().enumerate() {
+            let line = line.map_err(read_error)?;
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let mut fields = line.split('\t');
+            let parsed = (|| {
+                let code = fields.next()?;
+                let clicks = fields.next()?.parse::<u64>().ok()?;
+                let last = fields.next()?.parse::<i64>().ok()?;
+                (fields.next().is_none() && !code.is_empty()).then_some((code, clicks, last))
+            })();
+            let Some((code, clicks, last_clicked_at_s)) = parsed else {
+                tracing::warn!(
+                    "{} line {}: not code<TAB>clicks<TAB>time; skipped",
+                    path.display(),
+                    index + 1
+                );
+                continue;
+            };
+            let cell = self.cells.entry(code.into()).or_default();
+            cell.clicks.fetch_add(clicks, Ordering::Relaxed);
+            cell.last_clicked_at_s
+                .fetch_max(last_clicked_at_s, Ordering::Relaxed);
+            restored += 1;
+        }
+        Ok(restored)
+    }
+
+    /// Writes every counter to `path` durably (temp file, fsync, rename) and returns how many.
+    /// Blocking: call it off the async workers.
+    pub fn save(&self, path: &Path) -> Result<usize, ClicksError> {
+        let mut text = String::with_capacity(self.cells.len() * 32 + CLICKS_FILE_HEADER.len() + 1);
+        text.push_str(CLICKS_FILE_HEADER);
+        text.push('\n');
+        let mut saved = 0;
+        for entry in self.cells.iter() {
+            let _ = writeln!(
+                text,
+                "{}\t{}\t{}",
+                entry.key(),
+                entry.clicks.load(Ordering::Relaxed),
+                entry.last_clicked_at_s.load(Ordering::Relaxed)
+            );
+            saved += 1;
+        }
+        crate::fsutil::write_durably(path, text.as_bytes()).map_err(|source| {
+            ClicksError::Write {
+                path: path.to_owned(),
+                source,
+            }
+        })?;
+        Ok(saved)
+    }
 }
 
 fn count(cell: &ClickCell, cap: Option<u64>, now_s: i64) -> bool {
@@ -119,6 +206,36 @@ mod tests {
         assert_eq!(counters.stats("abc").clicks, 777);
         assert!(counters.capped("abc", Some(777)));
         assert_eq!(counters.clicks_total(), 777);
+    }
+
+    #[test]
+    fn checkpoints_round_trip() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(CLICKS_FILE);
+        let counters = ClickCounters::default();
+        assert_eq!(counters.restore(&path).expect("missing file"), 0);
+        counters.record("abc", None, 50);
+        counters.record("abc", None, 60);
+        counters.record("x-y_z", Some(5), 70);
+        assert_eq!(counters.save(&path).expect("save"), 2);
+        let restored = ClickCounters::default();
+        std::fs::write(
+            &path,
+            format!(
+                "{}garbage line\n",
+                std::fs::read_to_string(&path).expect("read")
+            ),
+        )
+        .expect("append garbage");
+        assert_eq!(restored.restore(&path).expect("restore"), 2);
+        assert_eq!(
+            restored.stats("abc"),
+            ClickStats {
+                clicks: 2,
+                last_clicked_at_s: Some(60)
+            }
+        );
+        assert_eq!(restored.stats("x-y_z").clicks, 1);
     }
 
     #[test]

@@ -45,6 +45,8 @@ pub enum ServeError {
     Runtime(std::io::Error),
     #[error("cannot open the store: {0}")]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Clicks(#[from] crate::analytics::ClicksError),
     #[error("the store opener stopped unexpectedly: {0}")]
     Opener(String),
 }

@@ -19,6 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
 use super::{admin, api, fast, redirect, App, Response, ServeError};
+use crate::analytics::CLICKS_FILE;
 use crate::auth::Keys;
 use crate::config::ServeConfig;
 use crate::datafile::{self, ImportOptions};
@@ -98,8 +99,9 @@ async fn serve(mut config: ServeConfig) -> Result<(), ServeError> {
         admin,
         app.clone(),
         Listener::Admin,
-        shutdown_rx,
+        shutdown_rx.clone(),
     ));
+    let checkpoints = tokio::spawn(checkpoint_clicks(app.clone(), shutdown_rx.clone()));
     let opener = {
         let app = app.clone();
         tokio::task::spawn_blocking(move || open_store(&app))
@@ -117,10 +119,15 @@ async fn serve(mut config: ServeConfig) -> Result<(), ServeError> {
     }
     tracing::info!("shutting down: no new connections; waiting for in-flight requests");
     let _ = shutdown_tx.send(true);
-    for task in [public_task, admin_task] {
+    for task in [public_task, admin_task, checkpoints] {
         if let Err(error) = task.await {
-            tracing::error!("listener task failed: {error}");
+            tracing::error!("listener or checkpoint task failed: {error}");
         }
+    }
+    if app.store().is_some() {
+        // Only once the store (and with it the last checkpoint) was read, or the counts of the
+        // previous run would be overwritten.
+        save_clicks(&app).await;
     }
     close_store(app, grace).await;
     outcome
@@ -179,6 +186,35 @@ async fn close_store(mut app: Arc<App>, grace: Duration) {
     }
 }
 
+/// Writes the click counters to the data dir off the async workers.
+async fn save_clicks(app: &Arc<App>) {
+    let app = app.clone();
+    let path = app.config.data_dir.join(CLICKS_FILE);
+    let saved = tokio::task::spawn_blocking(move || app.clicks.save(&path)).await;
+    match saved {
+        Ok(Ok(count)) => tracing::debug!("click counts of {count} links checkpointed"),
+        Ok(Err(error)) => tracing::error!("{error}"),
+        Err(error) => tracing::error!("click checkpoint task failed: {error}"),
+    }
+}
+
+/// Checkpoints the click counters every `clicks_checkpoint_ms` while any changed, until shutdown.
+async fn checkpoint_clicks(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
+    let every = Duration::from_millis(app.config.clicks_checkpoint_ms);
+    let mut saved_total = 0;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = stopped(&mut shutdown) => return,
+        }
+        let total = app.clicks.clicks_total();
+        if app.store().is_some() && total != saved_total {
+            save_clicks(&app).await;
+            saved_total = total;
+        }
+    }
+}
+
 fn store_is_empty(store: &Store) -> bool {
     store.snapshot_header().link_count == 0
         && store.recovery().last_seq == 0
@@ -202,6 +238,14 @@ fn open_store(app: &App) -> Result<(), ServeError> {
         recovery.wal_records_replayed,
         recovery.last_seq
     );
+    let clicks_path = config.data_dir.join(CLICKS_FILE);
+    let restored = app.clicks.restore(&clicks_path)?;
+    if restored > 0 {
+        tracing::info!(
+            "click counts of {restored} links restored from {}",
+            clicks_path.display()
+        );
+    }
     let sample = config.data_dir.join(SAMPLE_LINKS_FILE);
     if store_is_empty(&store) && sample.exists() {
         import_sample(&store, &sample, config);
