@@ -30,10 +30,10 @@ const KEYS_RECHECK_MS: u64 = 1000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
-    #[error("cannot read keys file {path}: {source}")]
-    Read { path: PathBuf, source: io::Error },
-    #[error("cannot write keys file {path}: {source}")]
-    Write { path: PathBuf, source: io::Error },
+    #[error("cannot read keys file {path}: {cause}")]
+    Read { path: PathBuf, cause: io::Error },
+    #[error("cannot write keys file {path}: {cause}")]
+    Write { path: PathBuf, cause: io::Error },
     #[error("keys file {path} line {line}: {message}")]
     Parse {
         path: PathBuf,
@@ -117,9 +117,9 @@ fn valid_name(name: &str) -> bool {
 
 /// Reads the keys file; a missing file is an empty list.
 pub fn read_keys_file(path: &Path) -> Result<Vec<KeyEntry>, AuthError> {
-    let read_error = |source| AuthError::Read {
+    let read_error = |cause| AuthError::Read {
         path: path.to_owned(),
-        source,
+        cause,
     };
     let bytes = match fs::metadata(path) {
         Ok(metadata) => metadata.len(),
@@ -179,14 +179,14 @@ fn write_keys_file(path: &Path, entries: &[KeyEntry]) -> Result<(), AuthError> {
         .parent()
         .filter(|parent| !parent.as_os_str().is_empty())
     {
-        fs::create_dir_all(parent).map_err(|source| AuthError::Write {
+        fs::create_dir_all(parent).map_err(|cause| AuthError::Write {
             path: path.to_owned(),
-            source,
+            cause,
         })?;
     }
-    crate::fsutil::write_durably(path, text.as_bytes()).map_err(|source| AuthError::Write {
+    crate::fsutil::write_durably(path, text.as_bytes()).map_err(|cause| AuthError::Write {
         path: path.to_owned(),
-        source,
+        cause,
     })
 }
 

@@ -37,10 +37,10 @@ const WORKERS_MAX: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {cause}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{path} is {bytes} bytes; the limit is {max} (is it the right file?)")]
     TooLarge { path: PathBuf, bytes: u64, max: u64 },
@@ -240,9 +240,9 @@ pub struct ServeConfig {
 }
 
 fn read_bounded(path: &Path, bytes_max: u64) -> Result<String, ConfigError> {
-    let read_error = |source| ConfigError::Read {
+    let read_error = |cause| ConfigError::Read {
         path: path.to_owned(),
-        source,
+        cause,
     };
     let bytes = fs::metadata(path).map_err(read_error)?.len();
     if bytes > bytes_max {

@@ -19,10 +19,10 @@ const CLICKS_FILE_HEADER: &str =
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClicksError {
-    #[error("cannot read click counts {path}: {source}")]
-    Read { path: PathBuf, source: io::Error },
-    #[error("cannot write click counts {path}: {source}")]
-    Write { path: PathBuf, source: io::Error },
+    #[error("cannot read click counts {path}: {cause}")]
+    Read { path: PathBuf, cause: io::Error },
+    #[error("cannot write click counts {path}: {cause}")]
+    Write { path: PathBuf, cause: io::Error },
 }
 
 /// One link's counters.
@@ -94,9 +94,9 @@ impl ClickCounters {
     /// returns how many links it named. A damaged line is skipped with a warning: counts are
     /// statistics, not a reason to refuse to start.
     pub fn restore(&self, path: &Path) -> Result<u64, ClicksError> {
-        let read_error = |source| ClicksError::Read {
+        let read_error = |cause| ClicksError::Read {
             path: path.to_owned(),
-            source,
+            cause,
         };
         let file = match File::open(path) {
             Ok(file) => file,
@@ -150,10 +150,10 @@ impl ClickCounters {
             );
             saved += 1;
         }
-        crate::fsutil::write_durably(path, text.as_bytes()).map_err(|source| {
+        crate::fsutil::write_durably(path, text.as_bytes()).map_err(|cause| {
             ClicksError::Write {
                 path: path.to_owned(),
-                source,
+                cause,
             }
         })?;
         Ok(saved)

@@ -36,10 +36,10 @@ pub enum ServeError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Keys(#[from] AuthError),
-    #[error("cannot listen on {addr}: {source} (is another process using the port?)")]
+    #[error("cannot listen on {addr}: {cause} (is another process using the port?)")]
     Bind {
         addr: std::net::SocketAddr,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),

@@ -54,7 +54,7 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
 }
 
 fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
-    let bind_error = |source| ServeError::Bind { addr, source };
+    let bind_error = |cause| ServeError::Bind { addr, cause };
     let socket = match addr {
         SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
         SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
