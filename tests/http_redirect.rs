@@ -170,3 +170,29 @@ fn an_idle_keep_alive_connection_is_closed_after_the_timeout() {
     slow.send(b"GET /rust HTTP/1.1\r\n");
     assert!(slow.closed_by_server(), "an unfinished head is cut off too");
 }
+
+#[test]
+fn permanent_redirects_are_not_cached_beyond_expiry() {
+    for hyper_only in [false, true] {
+        let dir = data_dir();
+        let key = add_key(dir.path(), "writer", "write");
+        let flags: &[&str] = if hyper_only { &["--hyper-only"] } else { &[] };
+        let server = Server::start(dir.path(), flags);
+        let code = server.create(
+            &key,
+            r#"{"long_url":"https://example.com/soon","redirect_status":308,"expires_in":100}"#,
+        );
+        let mut connection = KeepAlive::connect(server.public);
+        let reply = connection.request("GET", &format!("/{code}"), &[]);
+        assert_eq!(reply.status, 308);
+        let max_age: u64 = reply
+            .header("cache-control")
+            .and_then(|value| value.strip_prefix("public, max-age="))
+            .and_then(|value| value.parse().ok())
+            .expect("public, max-age=N");
+        assert!(
+            (90..=100).contains(&max_age),
+            "max-age {max_age} (hyper only: {hyper_only})"
+        );
+    }
+}

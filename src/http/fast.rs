@@ -205,7 +205,7 @@ fn step(app: &App, buf: &[u8], head_bytes_max: usize, out: &mut Vec<u8>) -> Step
     }
     let started = Instant::now();
     let status = redirect::decide(app, head, path, query, |verdict| {
-        write_verdict(app, head, accepts_json, verdict, out)
+        write_verdict(head, accepts_json, verdict, out)
     });
     app.metrics
         .redirect_latency(started.elapsed().as_micros() as u64);
@@ -235,17 +235,12 @@ fn status_line(status: RedirectStatus) -> &'static [u8] {
 }
 
 /// Writes the response to `verdict` into `out` and returns its status code.
-fn write_verdict(
-    app: &App,
-    head: bool,
-    accepts_json: bool,
-    verdict: Verdict<'_>,
-    out: &mut Vec<u8>,
-) -> u16 {
+fn write_verdict(head: bool, accepts_json: bool, verdict: Verdict<'_>, out: &mut Vec<u8>) -> u16 {
     if let Verdict::Redirect {
         status,
         long_url,
         query,
+        max_age_s,
     } = verdict
     {
         let parts = redirect::location_parts(long_url, query);
@@ -256,7 +251,13 @@ fn write_verdict(
                 out.extend_from_slice(part.as_bytes());
             }
             out.extend_from_slice(b"\r\ncache-control: ");
-            out.extend_from_slice(redirect::cache_control(app, status).as_bytes());
+            match max_age_s {
+                None => out.extend_from_slice(redirect::CACHE_CONTROL_TEMPORARY.as_bytes()),
+                Some(max_age_s) => {
+                    out.extend_from_slice(b"public, max-age=");
+                    write_decimal(out, max_age_s);
+                }
+            }
             out.extend_from_slice(b"\r\ncontent-length: 0\r\n");
             write_date(out);
             out.extend_from_slice(b"\r\n");
@@ -304,7 +305,7 @@ fn write_error(
     out.extend_from_slice(b"\r\ncontent-type: ");
     out.extend_from_slice(content_type);
     out.extend_from_slice(b"\r\ncontent-length: ");
-    out.extend_from_slice(body_bytes.to_string().as_bytes());
+    write_decimal(out, body_bytes as u64);
     out.extend_from_slice(b"\r\n");
     write_date(out);
     out.extend_from_slice(b"\r\n");
@@ -314,6 +315,22 @@ fn write_error(
         }
     }
     status.as_u16()
+}
+
+/// Appends `value` in decimal without allocating.
+fn write_decimal(out: &mut Vec<u8>, value: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut rest = value;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
 }
 
 thread_local! {
@@ -373,6 +390,15 @@ mod tests {
         assert!(head.contains(&format!("content-length: {}", body.len())));
         let parsed: serde_json::Value = serde_json::from_str(body).expect("json");
         assert_eq!(parsed["code"], "expired");
+    }
+
+    #[test]
+    fn decimals() {
+        for value in [0, 7, 10, 86_400, u64::MAX] {
+            let mut out = Vec::new();
+            write_decimal(&mut out, value);
+            assert_eq!(out, value.to_string().into_bytes());
+        }
     }
 
     #[test]

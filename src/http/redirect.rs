@@ -28,6 +28,9 @@ pub enum Verdict<'a> {
         long_url: &'a str,
         /// The request's query, to append to `long_url` (only when the link forwards queries).
         query: Option<&'a str>,
+        /// Seconds caches may keep a permanent redirect: the configured max-age, or less when
+        /// the link expires sooner (a cache must not outlive the link). None for 302 and 307.
+        max_age_s: Option<u64>,
     },
 }
 
@@ -82,13 +85,24 @@ pub fn decide<R>(
         if !served {
             return render(Verdict::Gone(Gone::ClickCapReached));
         }
+        let status = link
+            .meta
+            .redirect_status
+            .unwrap_or(app.config.redirect_status_default);
+        let max_age_s = match status {
+            RedirectStatus::MovedPermanently | RedirectStatus::PermanentRedirect => {
+                let until_expiry_s = link.meta.expires_at_s.map_or(u64::MAX, |expires_at_s| {
+                    (expires_at_s - now_s).max(0) as u64
+                });
+                Some(app.config.cache_max_age_s.min(until_expiry_s))
+            }
+            RedirectStatus::Found | RedirectStatus::TemporaryRedirect => None,
+        };
         render(Verdict::Redirect {
-            status: link
-                .meta
-                .redirect_status
-                .unwrap_or(app.config.redirect_status_default),
+            status,
             long_url: link.long_url,
             query: query.filter(|query| link.meta.forward_query && !query.is_empty()),
+            max_age_s,
         })
     })
 }
@@ -108,14 +122,17 @@ pub fn location_parts<'a>(long_url: &'a str, query: Option<&'a str>) -> [&'a str
     }
 }
 
-/// The `Cache-Control` of a redirect status: shared caches may keep permanent redirects.
-pub fn cache_control(app: &App, status: RedirectStatus) -> &HeaderValue {
+/// The `Cache-Control` of a redirect: `public, max-age=N` for permanent ones (shared caches may
+/// keep them), `private, max-age=0` for temporary ones. The common values are built once.
+pub fn cache_control(app: &App, max_age_s: Option<u64>) -> HeaderValue {
     static TEMPORARY: HeaderValue = HeaderValue::from_static(CACHE_CONTROL_TEMPORARY);
-    match status {
-        RedirectStatus::MovedPermanently | RedirectStatus::PermanentRedirect => {
-            &app.cache_control_permanent
+    match max_age_s {
+        None => TEMPORARY.clone(),
+        Some(max_age_s) if max_age_s == app.config.cache_max_age_s => {
+            app.cache_control_permanent.clone()
         }
-        RedirectStatus::Found | RedirectStatus::TemporaryRedirect => &TEMPORARY,
+        Some(max_age_s) => HeaderValue::from_str(&format!("public, max-age={max_age_s}"))
+            .unwrap_or_else(|_| TEMPORARY.clone()),
     }
 }
 
@@ -155,6 +172,7 @@ fn render(app: &App, headers: &HeaderMap, verdict: Verdict<'_>) -> Response {
         status,
         long_url,
         query,
+        max_age_s,
     } = verdict
     else {
         let (status, code, message) = verdict.error().unwrap_or((
@@ -177,7 +195,7 @@ fn render(app: &App, headers: &HeaderMap, verdict: Verdict<'_>) -> Response {
     *response.status_mut() = StatusCode::from_u16(status.code()).unwrap_or(StatusCode::FOUND);
     let headers = response.headers_mut();
     headers.insert(header::LOCATION, location);
-    headers.insert(header::CACHE_CONTROL, cache_control(app, status).clone());
+    headers.insert(header::CACHE_CONTROL, cache_control(app, max_age_s));
     response
 }
 
