@@ -4,6 +4,12 @@
 //! rename) by the server every few seconds and at shutdown, so a restart keeps them; a `kill -9`
 //! loses the clicks since the last checkpoint. Never touches the store.
 
+pub mod agent;
+pub mod aggregate;
+pub mod geo;
+pub mod pipeline;
+pub mod referrer;
+
 use std::fmt::Write as _;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader};
