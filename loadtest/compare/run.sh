@@ -120,7 +120,7 @@ PROBE_CODE=$(head -1 "$CODES")
 now_s() { date +%s.%N; }
 
 # Evaluates an arithmetic expression with awk, printed with DECIMALS decimals.
-calc() { awk "BEGIN { printf \"%.${2}f\", $1 }"; }
+calc() { awk "BEGIN { printf \"%.${2}f\", ($1) }"; }
 
 # utime+stime in clock ticks of a process and its direct children (nginx's workers).
 cpu_ticks() {
