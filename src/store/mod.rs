@@ -54,8 +54,10 @@ pub enum StoreError {
     Busy(String),
     #[error("snapshot build: {0}")]
     Build(#[from] AddError),
-    #[error("the store was opened read-only")]
+    #[error("the store was opened read-only (or follows a replicated log); write through the log")]
     ReadOnly,
+    #[error("data dir {dir}: its local WAL holds {records} records newer than the snapshot; run `kurz snapshot --data-dir {dir}` in single-node mode before following a cluster")]
+    LocalWalNotEmpty { dir: PathBuf, records: u64 },
     #[error("a snapshot is already being written")]
     SnapshotInProgress,
 }
@@ -180,6 +182,56 @@ impl Store {
         let lock = lock_data_dir(dir)?;
         let snapshot = open_or_create_snapshot(dir)?;
         Store::recover(dir, snapshot, Some((lock, options)))
+    }
+
+    /// Opens (or creates) the store in `dir` as a follower of a replicated log kept elsewhere
+    /// (cluster mode): locked like a writer, but with no local WAL. Records arrive through
+    /// [`Store::apply_replicated`] in log order, and snapshots are taken at a log position the
+    /// caller names ([`Store::snapshot_covering`]). Refuses a data dir whose local WAL holds
+    /// records the snapshot does not, because those would be lost.
+    pub fn open_follower(dir: &Path) -> Result<Store, StoreError> {
+        let lock = lock_data_dir(dir)?;
+        let snapshot = open_or_create_snapshot(dir)?;
+        let covered_seq = snapshot.header().covered_seq;
+        let local = wal::replay(
+            &dir.join(WAL_DIR),
+            covered_seq,
+            wal::DamagedTail::Skip,
+            |_, _| {},
+        )?;
+        if local.applied > 0 {
+            return Err(StoreError::LocalWalNotEmpty {
+                dir: dir.to_owned(),
+                records: local.applied,
+            });
+        }
+        let mut store = Store::recover(dir, snapshot, None)?;
+        store._lock = Some(lock);
+        Ok(store)
+    }
+
+    /// Applies record `seq` of the replicated log (follower mode). Records must come in log
+    /// order; a record is a link's whole new state, so applying one twice is harmless.
+    pub fn apply_replicated(&self, seq: u64, link: Link) {
+        self.shared.apply(seq, link);
+    }
+
+    /// Writes a snapshot covering log position `covered_seq` (follower mode): every record up to
+    /// it must have been applied. Blocking.
+    pub fn snapshot_covering(&self, covered_seq: u64) -> Result<SnapshotReport, StoreError> {
+        let started = Instant::now();
+        let _cycle = self
+            .cycle
+            .try_lock()
+            .map_err(|_| StoreError::SnapshotInProgress)?;
+        let (header, links_from_overlay) =
+            self.write_and_swap(covered_seq, |_| Ok::<(), StoreError>(()))?;
+        Ok(SnapshotReport {
+            header,
+            links_from_overlay,
+            wal_segments_removed: 0,
+            duration_ms: started.elapsed().as_millis() as u64,
+        })
     }
 
     /// Opens the store in `dir` for reading while another process may own it (export,
@@ -398,6 +450,25 @@ impl Store {
             Ok(Err(error)) => return Err(StoreError::from(error).into()),
             Err(_) => return Err(StoreError::from(WalError::Closed).into()),
         };
+        let (header, links_from_overlay) = self.write_and_swap(covered_seq, add_more)?;
+        let removed = wal::remove_covered_segments(&self.dir.join(WAL_DIR), covered_seq)
+            .map_err(StoreError::from)?;
+        Ok(SnapshotReport {
+            header,
+            links_from_overlay,
+            wal_segments_removed: removed,
+            duration_ms: started.elapsed().as_millis() as u64,
+        })
+    }
+
+    /// Merges the snapshot and the overlay (plus whatever `add_more` adds) into a new snapshot
+    /// file covering `covered_seq`, swaps lookups to it and forgets the overlay entries it now
+    /// holds. Returns the new header and how many overlay links went in.
+    fn write_and_swap<E: From<StoreError>>(
+        &self,
+        covered_seq: u64,
+        add_more: impl FnOnce(&mut SnapshotBuilder) -> Result<(), E>,
+    ) -> Result<(SnapshotHeader, usize), E> {
         let old = self.shared.snapshot.load_full();
         let overlay_links = self.shared.overlay.committed_links();
         let mut builder = SnapshotBuilder::with_capacity(
@@ -427,14 +498,7 @@ impl Store {
         for (link, seq) in &overlay_links {
             self.shared.overlay.forget_if_committed_at(&link.code, *seq);
         }
-        let removed = wal::remove_covered_segments(&self.dir.join(WAL_DIR), covered_seq)
-            .map_err(StoreError::from)?;
-        Ok(SnapshotReport {
-            header,
-            links_from_overlay: overlay_links.len(),
-            wal_segments_removed: removed,
-            duration_ms: started.elapsed().as_millis() as u64,
-        })
+        Ok((header, overlay_links.len()))
     }
 
     /// [`Store::snapshot_with`] with nothing added.
