@@ -196,3 +196,39 @@ fn permanent_redirects_are_not_cached_beyond_expiry() {
         );
     }
 }
+
+#[test]
+fn sigterm_closes_idle_keep_alive_connections_at_once() {
+    for hyper_only in [false, true] {
+        let dir = data_dir();
+        std::fs::write(
+            dir.path().join("sample-links.tsv"),
+            "rust\thttps://www.rust-lang.org/\n",
+        )
+        .expect("sample");
+        // Timeouts far longer than the test may take: only the shutdown can close the connection.
+        let mut flags = vec![
+            "--timeout-header-read-ms",
+            "60000",
+            "--timeout-shutdown-ms",
+            "60000",
+        ];
+        if hyper_only {
+            flags.push("--hyper-only");
+        }
+        let server = Server::start(dir.path(), &flags);
+        let mut idle = KeepAlive::connect(server.public);
+        assert_eq!(idle.request("GET", "/rust", &[]).status, 302);
+        let mut admin_idle = KeepAlive::connect(server.admin);
+        assert_eq!(admin_idle.request("GET", "/healthz", &[]).status, 200);
+        let started = std::time::Instant::now();
+        let status = server.terminate();
+        assert!(status.success(), "{status:?}");
+        assert!(idle.closed_by_server());
+        assert!(admin_idle.closed_by_server());
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "shutdown waited for the idle connections to time out (hyper only: {hyper_only})"
+        );
+    }
+}

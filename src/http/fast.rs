@@ -19,7 +19,7 @@ use time::macros::format_description;
 use time::OffsetDateTime;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
 use super::redirect::{self, Verdict};
 use super::App;
@@ -95,18 +95,22 @@ enum Step {
 }
 
 /// Serves `stream` until it closes (None) or a request needs hyper (Some, with the unanswered
-/// bytes). `timeout` bounds how long a request head (or an idle keep-alive wait) may take, and
+/// bytes), or until `stop` is notified while no request is half-read. `timeout` bounds how long a request head (or an idle keep-alive wait) may take, and
 /// how long a client may leave its answers unread.
 pub async fn serve(
     mut stream: TcpStream,
     app: &App,
     timeout: Duration,
     head_bytes_max: usize,
-    shutdown: &mut watch::Receiver<bool>,
+    stop: &Notify,
 ) -> Option<Prefixed> {
     let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
     let mut out = Vec::with_capacity(READ_CHUNK_BYTES);
     let mut head_deadline = None;
+    // Registered once per connection; the Notify is this connection's own, so waiting on it
+    // takes no lock that other connections share.
+    let stopped = stop.notified();
+    tokio::pin!(stopped);
     loop {
         while !buf.is_empty() {
             match step(app, &buf, head_bytes_max, &mut out) {
@@ -132,15 +136,11 @@ pub async fn serve(
             }
             out.clear();
         }
-        let stop = *shutdown.borrow();
-        if stop && buf.is_empty() {
-            return None;
-        }
         let deadline = *head_deadline.get_or_insert_with(|| tokio::time::Instant::now() + timeout);
         buf.reserve(READ_CHUNK_BYTES);
         let read = tokio::select! {
             read = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)) => read,
-            () = super::server::stopped(shutdown), if buf.is_empty() && !stop => return None,
+            () = &mut stopped, if buf.is_empty() => return None,
         };
         match read {
             Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return None,

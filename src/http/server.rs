@@ -7,16 +7,18 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use dashmap::DashMap;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::Request;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore};
 
 use super::{admin, api, fast, redirect, App, Response, ServeError};
 use crate::analytics::CLICKS_FILE;
@@ -278,9 +280,17 @@ fn import_sample(store: &Store, sample: &Path, config: &ServeConfig) {
 }
 
 /// Resolves once shutdown has been asked for (or the sender is gone).
-pub(super) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     // An error means the sender was dropped, which also means stop.
     let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// The open connections of one listener, each with its own stop signal: shutdown notifies
+/// each one, and no connection ever waits on a channel or lock that all of them share.
+#[derive(Default)]
+struct Connections {
+    next_id: AtomicU64,
+    stops: DashMap<u64, Arc<Notify>, ahash::RandomState>,
 }
 
 async fn accept_loop(
@@ -290,10 +300,11 @@ async fn accept_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let connections_max = app.config.connections_max;
-    let connections = Arc::new(Semaphore::new(connections_max));
+    let slots = Arc::new(Semaphore::new(connections_max));
+    let open = Arc::new(Connections::default());
     loop {
         let permit = tokio::select! {
-            permit = connections.clone().acquire_owned() => permit,
+            permit = slots.clone().acquire_owned() => permit,
             () = stopped(&mut shutdown) => break,
         };
         let Ok(permit) = permit else {
@@ -311,17 +322,26 @@ async fn accept_loop(
                 continue;
             }
         };
+        // Registered here, not in the task, so a shutdown right after the accept still reaches it.
+        let id = open.next_id.fetch_add(1, Ordering::Relaxed);
+        let stop = Arc::new(Notify::new());
+        open.stops.insert(id, stop.clone());
         let app = app.clone();
-        let shutdown = shutdown.clone();
+        let open = open.clone();
         tokio::spawn(async move {
-            serve_connection(stream, peer, app, kind, shutdown).await;
+            serve_connection(stream, peer, app, kind, stop).await;
+            open.stops.remove(&id);
             drop(permit);
         });
     }
     drop(listener);
+    for stop in open.stops.iter() {
+        // notify_one keeps a permit when the connection is not waiting right now.
+        stop.notify_one();
+    }
     let all = u32::try_from(connections_max).unwrap_or(u32::MAX);
     let grace = Duration::from_millis(app.config.timeout_shutdown_ms);
-    if tokio::time::timeout(grace, connections.acquire_many(all))
+    if tokio::time::timeout(grace, slots.acquire_many(all))
         .await
         .is_err()
     {
@@ -334,7 +354,7 @@ async fn serve_connection(
     peer: SocketAddr,
     app: Arc<App>,
     kind: Listener,
-    mut shutdown: watch::Receiver<bool>,
+    stop: Arc<Notify>,
 ) {
     if let Err(error) = stream.set_nodelay(true) {
         tracing::debug!("set_nodelay {peer}: {error}");
@@ -346,24 +366,19 @@ async fn serve_connection(
             &app,
             timeout_header_read,
             REQUEST_HEAD_BYTES_MAX,
-            &mut shutdown,
+            &stop,
         )
         .await;
         if let Some(io) = handed_over {
-            serve_hyper(io, peer, app, kind, shutdown).await;
+            serve_hyper(io, peer, app, kind, &stop).await;
         }
     } else {
-        serve_hyper(stream, peer, app, kind, shutdown).await;
+        serve_hyper(stream, peer, app, kind, &stop).await;
     }
 }
 
-async fn serve_hyper<I>(
-    io: I,
-    peer: SocketAddr,
-    app: Arc<App>,
-    kind: Listener,
-    mut shutdown: watch::Receiver<bool>,
-) where
+async fn serve_hyper<I>(io: I, peer: SocketAddr, app: Arc<App>, kind: Listener, stop: &Notify)
+where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let timeout_header_read = Duration::from_millis(app.config.timeout_header_read_ms);
@@ -385,7 +400,7 @@ async fn serve_hyper<I>(
                 tracing::debug!("connection {peer}: {error}");
             }
         }
-        () = stopped(&mut shutdown) => {
+        () = stop.notified() => {
             connection.as_mut().graceful_shutdown();
             if let Err(error) = connection.await {
                 tracing::debug!("connection {peer} during shutdown: {error}");
