@@ -16,6 +16,7 @@
 pub mod link;
 pub mod overlay;
 pub mod snapshot;
+pub mod snapshotter;
 pub mod wal;
 
 use std::fs::{self, File, TryLockError};
