@@ -1,6 +1,7 @@
 //! Token buckets that limit link creation per API key and per client IP. Owns only the buckets;
 //! never decides who a client is (the API handler passes the bucket names in).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -9,6 +10,9 @@ use dashmap::DashMap;
 /// Buckets kept before idle ones (those refilled to full) are dropped, so a flood of client
 /// addresses cannot grow the map without bound.
 const BUCKETS_MAX: usize = 100_000;
+/// Least time between two sweeps for idle buckets: a sweep walks every bucket, so a flood of new
+/// names must not trigger one per request.
+const SWEEP_INTERVAL_MS: u64 = 1000;
 
 struct Bucket {
     tokens: f64,
@@ -19,6 +23,9 @@ pub struct RateLimiter {
     rate_per_s: f64,
     burst: f64,
     buckets: DashMap<String, Mutex<Bucket>, ahash::RandomState>,
+    started: Instant,
+    /// Milliseconds after `started` of the last sweep.
+    swept_at_ms: AtomicU64,
 }
 
 impl RateLimiter {
@@ -27,19 +34,20 @@ impl RateLimiter {
             rate_per_s,
             burst: f64::from(burst),
             buckets: DashMap::default(),
+            started: Instant::now(),
+            swept_at_ms: AtomicU64::new(0),
         }
     }
 
     /// Takes `cost` tokens (at most the burst) from the bucket `name`, or says in how many whole
-    /// seconds enough will have refilled.
+    /// seconds enough will have refilled. When the map is full of busy buckets, a new name is
+    /// refused until a sweep makes room.
     pub fn take(&self, name: &str, cost: u32) -> Result<(), u64> {
         let cost = f64::from(cost).min(self.burst);
         let now = Instant::now();
-        if self.buckets.len() >= BUCKETS_MAX {
-            self.evict_full(now);
-        }
         let entry = match self.buckets.get(name) {
             Some(entry) => entry,
+            None if self.buckets.len() >= BUCKETS_MAX && !self.sweep(now) => return Err(1),
             None => self
                 .buckets
                 .entry(name.to_owned())
@@ -68,6 +76,21 @@ impl RateLimiter {
         }
     }
 
+    /// Drops idle buckets, at most once per [`SWEEP_INTERVAL_MS`]; true if there is room now.
+    fn sweep(&self, now: Instant) -> bool {
+        let now_ms = now.saturating_duration_since(self.started).as_millis() as u64;
+        let swept_at_ms = self.swept_at_ms.load(Ordering::Relaxed);
+        if now_ms.saturating_sub(swept_at_ms) >= SWEEP_INTERVAL_MS
+            && self
+                .swept_at_ms
+                .compare_exchange(swept_at_ms, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.evict_full(now);
+        }
+        self.buckets.len() < BUCKETS_MAX
+    }
+
     fn evict_full(&self, now: Instant) {
         self.buckets.retain(|_, bucket| match bucket.get_mut() {
             Ok(bucket) => {
@@ -94,5 +117,24 @@ mod tests {
         assert_eq!(limiter.take("b", 1), Ok(()));
         assert_eq!(limiter.take("c", 10), Ok(()));
         assert_eq!(limiter.take("c", 3), Err(3));
+    }
+
+    #[test]
+    fn a_flood_of_names_is_bounded() {
+        let limiter = RateLimiter::new(0.001, 3);
+        for n in 0..BUCKETS_MAX {
+            assert_eq!(limiter.take(&format!("ip:{n}"), 1), Ok(()));
+        }
+        assert_eq!(
+            limiter.take("ip:new", 1),
+            Err(1),
+            "no room for another busy bucket"
+        );
+        assert_eq!(
+            limiter.take("ip:7", 1),
+            Ok(()),
+            "known names keep their buckets"
+        );
+        assert_eq!(limiter.buckets.len(), BUCKETS_MAX);
     }
 }
