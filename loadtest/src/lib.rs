@@ -51,6 +51,8 @@ use workload::{Workload, WorkloadSpec};
 pub const CONNECTIONS_MAX: usize = 10_000;
 /// Most generator threads in one run.
 pub const THREADS_MAX: usize = 64;
+/// Lowest open-loop rate, in requests per second (keeps a connection's interval finite).
+pub const RATE_MIN: f64 = 0.01;
 /// Highest open-loop rate, in requests per second.
 pub const RATE_MAX: f64 = 10_000_000.0;
 /// Highest Zipf exponent; beyond it nearly every request is for the first code anyway.
@@ -258,8 +260,8 @@ fn check_args(args: &Args) -> Result<Stop, LoadtestError> {
         );
     }
     if let Some(rate) = args.rate {
-        if !(rate > 0.0 && rate <= RATE_MAX) {
-            return flag("rate", format!("must be above 0 and at most {RATE_MAX}"));
+        if !(RATE_MIN..=RATE_MAX).contains(&rate) {
+            return flag("rate", format!("must be {RATE_MIN} to {RATE_MAX}"));
         }
     }
     if let Some(exponent) = args.zipf {

@@ -385,6 +385,7 @@ fn bad_flag_values_are_errors_not_panics() {
     let codes = codes_file();
     for extra in [
         &["--rate", "0"][..],
+        &["--rate", "1e-300"],
         &["--connections", "0"],
         &["--threads", "4", "--connections", "2"],
         &["--miss-ratio", "1.5"],
