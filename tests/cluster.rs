@@ -1,0 +1,639 @@
+//! Cluster mode against real NATS: every test starts its own 3-server JetStream cluster on
+//! loopback ports (stopped by PID when the test ends) and runs kurz cluster nodes with their own
+//! data dirs, in process or, for the crash test, as a child process killed with SIGKILL.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use kurz::cluster::{Bootstrap, ClusterError, ClusterNode, ClusterOptions};
+use kurz::store::link::{Link, LinkMeta, LinkStatus};
+use kurz::store::StoreError;
+
+/// Deadline for anything that should take milliseconds (convergence, catching up), generous
+/// for a loaded 2-core machine: tests poll until it, never sleep a fixed time and assert.
+const CONVERGE_TIMEOUT: Duration = Duration::from_secs(15);
+const NATS_READY_TIMEOUT: Duration = Duration::from_secs(30);
+const POLL: Duration = Duration::from_millis(10);
+
+const CHILD_DIR_ENV: &str = "KURZ_CLUSTER_TEST_CHILD_DIR";
+const CHILD_NATS_ENV: &str = "KURZ_CLUSTER_TEST_CHILD_NATS";
+const CHILD_SNAPSHOT_AT_ENV: &str = "KURZ_CLUSTER_TEST_CHILD_SNAPSHOT_AT";
+
+/// One nats-server process of the test cluster.
+struct NatsServer {
+    port: u16,
+    args: Vec<String>,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl NatsServer {
+    fn spawn(&mut self) {
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("nats log file");
+        let child = Command::new("nats-server")
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start nats-server (installed by .ci/run)");
+        self.child = Some(child);
+    }
+
+    /// Kills this server (SIGKILL, by the PID we started) and reaps it.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // It may have exited already; either way it is gone afterwards.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A 3-server NATS JetStream cluster on free loopback ports, with its store dirs in a temp dir.
+struct NatsCluster {
+    servers: Vec<NatsServer>,
+    _dir: tempfile::TempDir,
+}
+
+fn free_ports(count: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..count)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind a free port"))
+        .collect();
+    listeners
+        .iter()
+        .map(|listener| listener.local_addr().expect("local addr").port())
+        .collect()
+}
+
+impl NatsCluster {
+    async fn start() -> NatsCluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ports = free_ports(6);
+        let routes: Vec<String> = ports[3..]
+            .iter()
+            .map(|port| format!("nats://127.0.0.1:{port}"))
+            .collect();
+        let mut servers = Vec::new();
+        for i in 0..3 {
+            let name = format!("n{i}");
+            let store_dir = dir.path().join(&name);
+            let args = vec![
+                "-js".to_owned(),
+                "-a".into(),
+                "127.0.0.1".into(),
+                "-p".into(),
+                ports[i].to_string(),
+                "-n".into(),
+                name.clone(),
+                "-sd".into(),
+                store_dir.display().to_string(),
+                "--cluster_name".into(),
+                "kurztest".into(),
+                "--cluster".into(),
+                routes[i].clone(),
+                "--routes".into(),
+                routes.join(","),
+            ];
+            let mut server = NatsServer {
+                log: dir.path().join(format!("{name}.log")),
+                port: ports[i],
+                args,
+                child: None,
+            };
+            server.spawn();
+            servers.push(server);
+        }
+        let cluster = NatsCluster { servers, _dir: dir };
+        cluster.wait_jetstream_ready(&cluster.urls()).await;
+        cluster
+    }
+
+    fn urls(&self) -> Vec<String> {
+        self.servers
+            .iter()
+            .map(|server| format!("nats://127.0.0.1:{}", server.port))
+            .collect()
+    }
+
+    fn url(&self, i: usize) -> String {
+        format!("nats://127.0.0.1:{}", self.servers[i].port)
+    }
+
+    /// Waits until an R3 stream can be created and written through `urls`: the meta leader is
+    /// elected and every server takes part.
+    async fn wait_jetstream_ready(&self, urls: &[String]) {
+        let deadline = Instant::now() + NATS_READY_TIMEOUT;
+        loop {
+            match probe_jetstream(urls).await {
+                Ok(()) => return,
+                Err(error) if Instant::now() < deadline => {
+                    let _ = error;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(error) => panic!(
+                    "NATS JetStream cluster not ready after {NATS_READY_TIMEOUT:?}: {error}; logs in {}",
+                    self._dir.path().display()
+                ),
+            }
+        }
+    }
+
+    fn kill(&mut self, i: usize) {
+        self.servers[i].kill();
+    }
+
+    fn restart(&mut self, i: usize) {
+        self.servers[i].spawn();
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for server in &mut self.servers {
+            server.kill();
+        }
+    }
+}
+
+async fn probe_jetstream(urls: &[String]) -> Result<(), async_nats::Error> {
+    let client = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(1))
+        .connect(urls)
+        .await?;
+    let mut jetstream = async_nats::jetstream::new(client);
+    // Short: until the cluster has a meta leader, requests go unanswered.
+    jetstream.set_timeout(Duration::from_secs(1));
+    let name = format!("PROBE_{:x}", rand::random::<u32>());
+    jetstream
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: name.clone(),
+            subjects: vec![format!("probe.{name}")],
+            num_replicas: 3,
+            ..Default::default()
+        })
+        .await?;
+    jetstream
+        .publish(format!("probe.{name}"), "ready".into())
+        .await?
+        .await?;
+    jetstream.delete_stream(&name).await?;
+    Ok(())
+}
+
+fn options(urls: Vec<String>, dir: &Path) -> ClusterOptions {
+    ClusterOptions::new(urls, dir.to_owned())
+}
+
+/// Starts a node, retrying while a node dropped a moment ago still holds the data dir's lock.
+async fn start_node(options: ClusterOptions) -> ClusterNode {
+    let deadline = Instant::now() + CONVERGE_TIMEOUT;
+    loop {
+        match ClusterNode::start(options.clone()).await {
+            Ok(node) => return node,
+            Err(ClusterError::Store(StoreError::Locked { .. })) if Instant::now() < deadline => {
+                tokio::time::sleep(POLL).await
+            }
+            Err(error) => panic!("start node on {}: {error}", options.data_dir.display()),
+        }
+    }
+}
+
+fn link(code: &str) -> Link {
+    Link {
+        code: code.to_owned(),
+        long_url: format!("https://example.com/{code}"),
+        meta: LinkMeta::new(1_700_000_000),
+    }
+}
+
+/// Polls `condition` until it holds, panicking with `what` at the deadline.
+async fn eventually(what: &str, mut condition: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    while !condition() {
+        assert!(
+            started.elapsed() < CONVERGE_TIMEOUT,
+            "{what}: not within {CONVERGE_TIMEOUT:?}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    started.elapsed()
+}
+
+fn url_of(node: &ClusterNode, code: &str) -> Option<String> {
+    node.store().get(code).map(|link| link.long_url)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_created_on_one_node_is_seen_on_the_others() {
+    let nats = NatsCluster::start().await;
+    let dirs: Vec<_> = (0..3)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let mut nodes = Vec::new();
+    for dir in &dirs {
+        nodes.push(start_node(options(nats.urls(), dir.path())).await);
+    }
+    for node in &nodes {
+        eventually("node ready", || node.ready()).await;
+    }
+
+    let mut convergence = Vec::new();
+    for i in 0..20 {
+        let code = format!("seen{i}");
+        let seq = nodes[0].create(link(&code)).await.expect("create");
+        assert_eq!(
+            url_of(&nodes[0], &code).as_deref(),
+            Some(format!("https://example.com/{code}").as_str()),
+            "read-your-writes on the node that took the write"
+        );
+        assert!(nodes[0].applied_seq() >= seq);
+        let took = eventually("the other nodes see the link", || {
+            nodes[1..].iter().all(|node| url_of(node, &code).is_some())
+        })
+        .await;
+        convergence.push(took);
+    }
+    convergence.sort();
+    eprintln!(
+        "convergence to 2 other nodes after the create returned: median {:?}, max {:?}",
+        convergence[convergence.len() / 2],
+        convergence[convergence.len() - 1]
+    );
+
+    let changed = nodes[1]
+        .update("seen3", |current| {
+            let mut changed = current.clone();
+            changed.long_url = "https://example.org/changed".into();
+            Ok::<Link, ()>(changed)
+        })
+        .await
+        .expect("update")
+        .expect("change accepted");
+    assert_eq!(changed.long_url, "https://example.org/changed");
+    let tombstone = nodes[2]
+        .delete("seen4", 1_700_000_500)
+        .await
+        .expect("delete");
+    assert_eq!(tombstone.meta.status, LinkStatus::Deleted);
+    eventually("update and delete reach every node", || {
+        nodes.iter().all(|node| {
+            url_of(node, "seen3").as_deref() == Some("https://example.org/changed")
+                && node.store().get("seen4").map(|l| l.meta.status) == Some(LinkStatus::Deleted)
+        })
+    })
+    .await;
+    assert!(matches!(
+        nodes[0].create(link("seen4")).await,
+        Err(ClusterError::CodeTaken(code)) if code == "seen4"
+    ));
+    assert!(matches!(
+        nodes[0].delete("never-made", 1).await,
+        Err(ClusterError::NotFound(_))
+    ));
+    assert!(matches!(
+        nodes[0].create(link("bad.code")).await,
+        Err(ClusterError::InvalidCode(_))
+    ));
+    let last = nodes[0].stream_last_seq().await.expect("stream info");
+    eventually("every node applied the whole stream", || {
+        nodes.iter().all(|node| node.applied_seq() == last)
+    })
+    .await;
+    for node in &nodes {
+        assert_eq!(node.store().live_links(), 19);
+        assert_eq!(node.lag_records(), 0);
+        assert!(node.ready());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_alias_created_at_once_on_two_nodes_has_one_winner() {
+    let nats = NatsCluster::start().await;
+    let dir_a = tempfile::tempdir().expect("tempdir");
+    let dir_b = tempfile::tempdir().expect("tempdir");
+    // Each node talks to a different NATS server, as two kurz machines would.
+    let a = start_node(options(vec![nats.url(0)], dir_a.path())).await;
+    let b = start_node(options(vec![nats.url(1)], dir_b.path())).await;
+    for i in 0..30 {
+        let code = format!("race{i}");
+        let mut from_a = link(&code);
+        from_a.long_url = "https://a.example/".into();
+        let mut from_b = link(&code);
+        from_b.long_url = "https://b.example/".into();
+        let (won_a, won_b) = tokio::join!(a.create(from_a), b.create(from_b));
+        let winner = match (&won_a, &won_b) {
+            (Ok(_), Err(ClusterError::CodeTaken(_))) => "https://a.example/",
+            (Err(ClusterError::CodeTaken(_)), Ok(_)) => "https://b.example/",
+            other => panic!("{code}: expected exactly one winner, got {other:?}"),
+        };
+        eventually("both nodes agree on the winner", || {
+            url_of(&a, &code).as_deref() == Some(winner)
+                && url_of(&b, &code).as_deref() == Some(winner)
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creates_keep_succeeding_while_one_nats_server_is_down() {
+    let mut nats = NatsCluster::start().await;
+    let dir_a = tempfile::tempdir().expect("tempdir");
+    let dir_b = tempfile::tempdir().expect("tempdir");
+    let a = start_node(options(nats.urls(), dir_a.path())).await;
+    let b = start_node(options(nats.urls(), dir_b.path())).await;
+    for i in 0..10 {
+        a.create(link(&format!("before{i}"))).await.expect("create");
+    }
+    // Stop the stream's leader: the hardest server to lose (a new leader must be elected).
+    let leader = stream_leader(&nats).await;
+    nats.kill(leader);
+    for i in 0..20 {
+        let node = if i % 2 == 0 { &a } else { &b };
+        node.create(link(&format!("down{i}")))
+            .await
+            .unwrap_or_else(|error| panic!("create with server n{leader} down: {error}"));
+    }
+    nats.restart(leader);
+    nats.wait_jetstream_ready(&[nats.url(leader)]).await;
+    for i in 0..10 {
+        b.create(link(&format!("after{i}"))).await.expect("create");
+    }
+    let total = 10 + 20 + 10;
+    eventually("both nodes hold every link", || {
+        a.store().live_links() == total && b.store().live_links() == total
+    })
+    .await;
+
+    // Nothing lost on the servers either: each one, asked alone, holds every record.
+    for i in 0..3 {
+        let client = async_nats::connect(nats.url(i)).await.expect("connect");
+        let jetstream = async_nats::jetstream::new(client);
+        let started = Instant::now();
+        loop {
+            let messages = jetstream
+                .get_stream(kurz::cluster::STREAM_NAME_DEFAULT)
+                .await
+                .expect("stream")
+                .get_info()
+                .await
+                .map(|info| info.state.messages);
+            if messages.as_ref().ok() == Some(&total) {
+                break;
+            }
+            assert!(
+                started.elapsed() < CONVERGE_TIMEOUT,
+                "server {i}: stream holds {messages:?}, not {total}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// The index of the server leading the link stream.
+async fn stream_leader(nats: &NatsCluster) -> usize {
+    let client = async_nats::connect(nats.urls()).await.expect("connect");
+    let info = async_nats::jetstream::new(client)
+        .get_stream(kurz::cluster::STREAM_NAME_DEFAULT)
+        .await
+        .expect("stream")
+        .get_info()
+        .await
+        .expect("stream info");
+    let leader = info
+        .cluster
+        .and_then(|cluster| cluster.leader)
+        .expect("a leader");
+    leader
+        .strip_prefix('n')
+        .and_then(|index| index.parse().ok())
+        .expect("servers are named n0, n1, n2")
+}
+
+/// The crash test's node: runs only as the child process `a_killed_node_catches_up` starts.
+/// Follows the stream, snapshots once it has applied the given sequence, says so, and then
+/// keeps following until it is killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_test_child_node() {
+    let (Ok(dir), Ok(urls), Ok(snapshot_at)) = (
+        std::env::var(CHILD_DIR_ENV),
+        std::env::var(CHILD_NATS_ENV),
+        std::env::var(CHILD_SNAPSHOT_AT_ENV),
+    ) else {
+        return;
+    };
+    let snapshot_at: u64 = snapshot_at.parse().expect("sequence");
+    let urls = urls.split(',').map(str::to_owned).collect();
+    let node = start_node(options(urls, Path::new(&dir))).await;
+    eventually("the child applied the parent's links", || {
+        node.applied_seq() >= snapshot_at
+    })
+    .await;
+    let upload = node.snapshot_and_upload().await.expect("snapshot");
+    println!("snapshot {}", upload.covered_seq);
+    std::future::pending::<()>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_catches_up_on_restart() {
+    let nats = NatsCluster::start().await;
+    let dir_a = tempfile::tempdir().expect("tempdir");
+    let dir_victim = tempfile::tempdir().expect("tempdir");
+    let a = start_node(options(nats.urls(), dir_a.path())).await;
+    let mut last_seq = 0;
+    for i in 0..20 {
+        last_seq = a.create(link(&format!("early{i}"))).await.expect("create");
+    }
+
+    let mut child = Command::new(std::env::current_exe().expect("test binary"))
+        .args(["crash_test_child_node", "--exact", "--nocapture"])
+        .env(CHILD_DIR_ENV, dir_victim.path())
+        .env(CHILD_NATS_ENV, nats.urls().join(","))
+        .env(CHILD_SNAPSHOT_AT_ENV, last_seq.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the child node");
+    let stdout = child.stdout.take().expect("child stdout");
+    let (lines_tx, lines_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let covered_seq = tokio::task::spawn_blocking(move || loop {
+        match lines_rx.recv_timeout(CONVERGE_TIMEOUT) {
+            Ok(line) => {
+                if let Some(seq) = line.strip_prefix("snapshot ") {
+                    return seq.parse::<u64>().expect("covered seq");
+                }
+            }
+            Err(error) => panic!("the child node never snapshotted: {error}"),
+        }
+    })
+    .await
+    .expect("reader");
+    assert!(covered_seq >= last_seq);
+
+    for i in 0..10 {
+        a.create(link(&format!("while_up{i}")))
+            .await
+            .expect("create");
+    }
+    child.kill().expect("SIGKILL the child node");
+    child.wait().expect("reap the child node");
+    for i in 0..30 {
+        a.create(link(&format!("while_down{i}")))
+            .await
+            .expect("create");
+    }
+    a.update("early0", |current| {
+        let mut changed = current.clone();
+        changed.long_url = "https://example.org/moved".into();
+        Ok::<Link, ()>(changed)
+    })
+    .await
+    .expect("update")
+    .expect("accepted");
+
+    let victim = start_node(options(nats.urls(), dir_victim.path())).await;
+    assert_eq!(victim.bootstrap(), &Bootstrap::Resumed { covered_seq });
+    eventually("the restarted node catches up", || {
+        victim.store().live_links() == 60
+            && url_of(&victim, "early0").as_deref() == Some("https://example.org/moved")
+            && victim.ready()
+    })
+    .await;
+    for i in 0..30 {
+        assert!(url_of(&victim, &format!("while_down{i}")).is_some());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_node_bootstraps_from_the_snapshot_and_the_tail() {
+    let nats = NatsCluster::start().await;
+    let dir_a = tempfile::tempdir().expect("tempdir");
+    let a = start_node(options(nats.urls(), dir_a.path())).await;
+    let fresh_dir = tempfile::tempdir().expect("tempdir");
+    let empty = start_node(options(nats.urls(), &fresh_dir.path().join("first"))).await;
+    assert_eq!(
+        empty.bootstrap(),
+        &Bootstrap::Empty,
+        "no snapshot uploaded yet"
+    );
+    empty.shutdown().await;
+
+    for i in 0..200 {
+        a.create(link(&format!("snap{i}"))).await.expect("create");
+    }
+    let first = a.snapshot_and_upload().await.expect("snapshot");
+    for i in 0..50 {
+        a.create(link(&format!("more{i}"))).await.expect("create");
+    }
+    let second = a.snapshot_and_upload().await.expect("second snapshot");
+    assert!(second.covered_seq > first.covered_seq);
+    assert_eq!(second.link_count, 250);
+    for i in 0..20 {
+        a.create(link(&format!("tail{i}"))).await.expect("create");
+    }
+    a.delete("snap7", 1_700_000_900).await.expect("delete");
+
+    let started = Instant::now();
+    let fresh = start_node(options(nats.urls(), &fresh_dir.path().join("second"))).await;
+    match fresh.bootstrap() {
+        Bootstrap::Downloaded {
+            covered_seq,
+            object_name,
+            ..
+        } => {
+            assert_eq!(*covered_seq, second.covered_seq);
+            assert_eq!(*object_name, second.object_name);
+        }
+        other => panic!("expected a downloaded snapshot, got {other:?}"),
+    }
+    assert_eq!(fresh.store().live_links(), 250, "the snapshot alone");
+    eventually("the fresh node replays the tail", || {
+        fresh.store().live_links() == 269 && fresh.ready()
+    })
+    .await;
+    eprintln!(
+        "fresh node: started, downloaded {:?} and caught up in {:?}",
+        fresh.bootstrap(),
+        started.elapsed()
+    );
+    assert_eq!(
+        fresh.store().get("snap7").map(|link| link.meta.status),
+        Some(LinkStatus::Deleted)
+    );
+    assert!(url_of(&fresh, "tail19").is_some());
+
+    let single_node_dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(single_node_dir.path().join("snapshot.kurz"), b"x").expect("write");
+    assert!(matches!(
+        ClusterNode::start(options(nats.urls(), single_node_dir.path())).await,
+        Err(ClusterError::DataDir(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_shard_groups_hold_only_their_shards() {
+    let nats = NatsCluster::start().await;
+    let dirs: Vec<_> = (0..4)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let mut nodes = Vec::new();
+    // Two nodes per shard group.
+    for (i, dir) in dirs.iter().enumerate() {
+        let mut options = options(nats.urls(), dir.path());
+        options.shards = 2;
+        options.shard_set = vec![(i % 2) as u32];
+        nodes.push(start_node(options).await);
+    }
+    let codes: Vec<String> = (0..60).map(|i| format!("shard{i}")).collect();
+    for code in &codes {
+        let owner = nodes
+            .iter()
+            .find(|node| node.holds_code(code))
+            .expect("some node holds every shard");
+        let stranger = nodes
+            .iter()
+            .find(|node| !node.holds_code(code))
+            .expect("some node does not");
+        assert!(matches!(
+            stranger.create(link(code)).await,
+            Err(ClusterError::WrongShard { .. })
+        ));
+        owner.create(link(code)).await.expect("create");
+    }
+    let in_shard_0 = codes
+        .iter()
+        .filter(|code| kurz::cluster::shard::shard_of(code, 2) == 0)
+        .count() as u64;
+    assert!(in_shard_0 > 0 && in_shard_0 < 60);
+    eventually("each node holds exactly its shard", || {
+        nodes.iter().enumerate().all(|(i, node)| {
+            let expected = if i % 2 == 0 {
+                in_shard_0
+            } else {
+                60 - in_shard_0
+            };
+            node.store().live_links() == expected
+        })
+    })
+    .await;
+    for node in &nodes {
+        for code in &codes {
+            assert_eq!(node.store().get(code).is_some(), node.holds_code(code));
+        }
+        assert!(node.ready());
+    }
+}
