@@ -188,6 +188,100 @@ async fn probe_jetstream(urls: &[String]) -> Result<(), async_nats::Error> {
     Ok(())
 }
 
+/// Creates, convergence and bootstrap through a real 3-server cluster, printed for
+/// PERFORMANCE.md. Run by hand: `cargo nextest run --cargo-profile ci -E 'test(measure)'
+/// --run-ignored only --no-capture` (KURZ_MEASURE_LINKS sets the bootstrap size).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check; run by hand"]
+async fn measure_creates_convergence_and_bootstrap() {
+    let links: usize = std::env::var("KURZ_MEASURE_LINKS")
+        .ok()
+        .and_then(|links| links.parse().ok())
+        .unwrap_or(100_000);
+    let nats = NatsCluster::start().await;
+    let dirs: Vec<_> = (0..3)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let a = std::sync::Arc::new(start_node(options(nats.urls(), dirs[0].path())).await);
+    let b = start_node(options(nats.urls(), dirs[1].path())).await;
+
+    let mut latencies_us = Vec::new();
+    for i in 0..1_000 {
+        let started = Instant::now();
+        a.create(link(&format!("seq{i}"))).await.expect("create");
+        latencies_us.push(started.elapsed().as_micros() as u64);
+    }
+    latencies_us.sort();
+    let at = |q: f64| latencies_us[((latencies_us.len() - 1) as f64 * q) as usize];
+    println!(
+        "sequential create (publish, R3 ack, local apply): p50 {} us, p99 {} us, max {} us",
+        at(0.5),
+        at(0.99),
+        at(1.0)
+    );
+
+    let mut convergence_us = Vec::new();
+    for i in 0..200 {
+        let code = format!("conv{i}");
+        a.create(link(&code)).await.expect("create");
+        let started = Instant::now();
+        while b.store().get(&code).is_none() {
+            tokio::task::yield_now().await;
+        }
+        convergence_us.push(started.elapsed().as_micros() as u64);
+    }
+    convergence_us.sort();
+    println!(
+        "convergence on another node after the create returned: p50 {} us, max {} us",
+        convergence_us[convergence_us.len() / 2],
+        convergence_us[convergence_us.len() - 1]
+    );
+
+    let in_flight = 256;
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in 0..in_flight {
+        let a = a.clone();
+        tasks.spawn(async move {
+            for i in (worker..links).step_by(in_flight) {
+                a.create(link(&format!("bulk{i}"))).await.expect("create");
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.expect("create task");
+    }
+    let took = started.elapsed();
+    println!(
+        "{links} creates, {in_flight} in flight on one node: {:?}, {:.0} creates/s",
+        took,
+        links as f64 / took.as_secs_f64()
+    );
+    let last = a.stream_last_seq().await.expect("stream info");
+    eventually("node b caught up", || b.applied_seq() == last).await;
+
+    let upload = a.snapshot_and_upload().await.expect("snapshot");
+    println!(
+        "snapshot of {} links: written in {} ms, {} bytes uploaded in {} ms",
+        upload.link_count, upload.snapshot_ms, upload.file_bytes, upload.upload_ms
+    );
+    for i in 0..1_000 {
+        a.create(link(&format!("tail{i}"))).await.expect("create");
+    }
+    let started = Instant::now();
+    let fresh = start_node(options(nats.urls(), dirs[2].path())).await;
+    let total = a.store().live_links();
+    eventually("the fresh node caught up", || {
+        fresh.store().live_links() == total && fresh.ready()
+    })
+    .await;
+    println!(
+        "fresh node with {total} links: {:?} (download and open: {:?})",
+        started.elapsed(),
+        fresh.bootstrap()
+    );
+}
+
 fn options(urls: Vec<String>, dir: &Path) -> ClusterOptions {
     ClusterOptions::new(urls, dir.to_owned())
 }
