@@ -731,3 +731,34 @@ async fn two_shard_groups_hold_only_their_shards() {
         assert!(node.ready());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_dir_ahead_of_a_remade_stream_is_refused() {
+    let nats = NatsCluster::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = start_node(options(nats.urls(), dir.path())).await;
+    for i in 0..5 {
+        node.create(link(&format!("old{i}"))).await.expect("create");
+    }
+    node.snapshot_and_upload().await.expect("snapshot");
+    node.shutdown().await;
+
+    let client = async_nats::connect(nats.urls()).await.expect("connect");
+    async_nats::jetstream::new(client)
+        .delete_stream(kurz::cluster::STREAM_NAME_DEFAULT)
+        .await
+        .expect("delete the stream");
+    let refused = ClusterNode::start(options(nats.urls(), dir.path())).await;
+    assert!(
+        matches!(
+            refused,
+            Err(ClusterError::AheadOfStream {
+                covered_seq: 5,
+                stream_last_seq: 0,
+                ..
+            })
+        ),
+        "{:?}",
+        refused.err()
+    );
+}

@@ -36,7 +36,6 @@ use async_nats::jetstream::consumer::pull::OrderedConfig;
 use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::object_store::{self, ObjectStore};
-use async_nats::jetstream::publish::PublishAck;
 use async_nats::jetstream::stream::{self, LastRawMessageErrorKind, StorageType};
 use async_nats::HeaderMap;
 use futures::StreamExt;
@@ -165,6 +164,13 @@ pub enum ClusterError {
         stream: String,
         what: String,
         subjects: String,
+    },
+    #[error("data dir {dir} holds a snapshot covering record {covered_seq}, but stream {stream} ends at {stream_last_seq}: the stream was deleted and made anew; use an empty --data-dir (and delete the old snapshots from the bucket)")]
+    AheadOfStream {
+        dir: PathBuf,
+        covered_seq: u64,
+        stream: String,
+        stream_last_seq: u64,
     },
     #[error(transparent)]
     DataDir(#[from] DataDirError),
@@ -350,6 +356,20 @@ impl ClusterNode {
         let dir = options.data_dir.clone();
         let store = tokio::task::spawn_blocking(move || Store::open_follower(&dir)).await??;
         let covered_seq = store.snapshot_header().covered_seq;
+        let stream_last_seq = stream
+            .get_info()
+            .await
+            .map_err(nats("read the link stream's state"))?
+            .state
+            .last_sequence;
+        if covered_seq > stream_last_seq {
+            return Err(ClusterError::AheadOfStream {
+                dir: options.data_dir.clone(),
+                covered_seq,
+                stream: options.stream_name.clone(),
+                stream_last_seq,
+            });
+        }
         let bootstrap = bootstrap.unwrap_or(Bootstrap::Resumed { covered_seq });
         let shared = Arc::new(Shared {
             store,
@@ -444,9 +464,9 @@ impl ClusterNode {
     pub async fn create(&self, link: Link) -> Result<u64, ClusterError> {
         let subject = self.subject_for(&link.code)?;
         match self.publish(&subject, 0, record::encode(&link)).await {
-            Ok(ack) => {
-                self.wait_applied(ack.sequence).await?;
-                Ok(ack.sequence)
+            Ok(seq) => {
+                self.wait_applied(seq).await?;
+                Ok(seq)
             }
             Err(PublishRefused::WrongLastSequence) => Err(ClusterError::CodeTaken(link.code)),
             Err(PublishRefused::Failed(error)) => Err(error),
@@ -475,8 +495,8 @@ impl ClusterNode {
                 .publish(&subject, current_seq, record::encode(&changed))
                 .await
             {
-                Ok(ack) => {
-                    self.wait_applied(ack.sequence).await?;
+                Ok(seq) => {
+                    self.wait_applied(seq).await?;
                     return Ok(Ok(changed));
                 }
                 Err(PublishRefused::WrongLastSequence) => continue,
@@ -598,15 +618,16 @@ impl ClusterNode {
     }
 
     /// Publishes `payload` to `subject` if the subject's last sequence is `expected_last_seq`
-    /// (0: the subject is empty), and waits for JetStream's acknowledgement. Lost
-    /// acknowledgements and leaderless moments are retried under one message id, so a record
-    /// that did land is not written twice.
+    /// (0: the subject is empty), waits for JetStream's acknowledgement and returns the record's
+    /// stream sequence. Lost acknowledgements and leaderless moments are retried under one
+    /// message id, so a record that did land is not written twice; and a retry refused because
+    /// the subject moved on checks whether it moved on by this very record.
     async fn publish(
         &self,
         subject: &str,
         expected_last_seq: u64,
         payload: Vec<u8>,
-    ) -> Result<PublishAck, PublishRefused> {
+    ) -> Result<u64, PublishRefused> {
         let message_id = format!(
             "{:016x}{:016x}",
             rand::random::<u64>(),
@@ -631,10 +652,17 @@ impl ClusterNode {
             }
             .await;
             let error = match acked {
-                Ok(ack) => return Ok(ack),
+                Ok(ack) => return Ok(ack.sequence),
                 Err(error) => error,
             };
             match error.kind() {
+                PublishErrorKind::WrongLastSequence if attempt > 1 => {
+                    return match self.landed(subject, &message_id).await {
+                        Ok(Some(seq)) => Ok(seq),
+                        Ok(None) => Err(PublishRefused::WrongLastSequence),
+                        Err(error) => Err(PublishRefused::Failed(error)),
+                    };
+                }
                 PublishErrorKind::WrongLastSequence => {
                     return Err(PublishRefused::WrongLastSequence)
                 }
@@ -649,6 +677,21 @@ impl ClusterNode {
                 _ => return Err(PublishRefused::Failed(nats("publish a link record")(error))),
             }
         }
+    }
+
+    /// The sequence of the subject's last record if it carries `message_id` (an earlier attempt
+    /// of this publish landed although its acknowledgement was lost).
+    async fn landed(&self, subject: &str, message_id: &str) -> Result<Option<u64>, ClusterError> {
+        let last = self
+            .stream
+            .get_last_raw_message_by_subject(subject)
+            .await
+            .map_err(nats("read a link's current record"))?;
+        let ours = last
+            .headers
+            .get(NATS_MESSAGE_ID)
+            .is_some_and(|id| id.as_str() == message_id);
+        Ok(ours.then_some(last.sequence))
     }
 
     /// Waits until this node has applied record `seq`, asking the follower to re-subscribe each
