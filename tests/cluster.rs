@@ -523,6 +523,12 @@ async fn crash_test_child_node() {
     ) else {
         return;
     };
+    // Never outlive the parent test: it holds this process's stdin, closed when it exits.
+    std::thread::spawn(|| {
+        let mut sink = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+        std::process::exit(0);
+    });
     let snapshot_at: u64 = snapshot_at.parse().expect("sequence");
     let urls = urls.split(',').map(str::to_owned).collect();
     let node = start_node(options(urls, Path::new(&dir))).await;
@@ -533,6 +539,17 @@ async fn crash_test_child_node() {
     let upload = node.snapshot_and_upload().await.expect("snapshot");
     println!("snapshot {}", upload.covered_seq);
     std::future::pending::<()>().await;
+}
+
+/// The crash test's child process, killed by its PID if the test ends early.
+struct ChildNode(Child);
+
+impl Drop for ChildNode {
+    fn drop(&mut self) {
+        // Killed and reaped already when the test ran through.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -546,16 +563,19 @@ async fn a_killed_node_catches_up_on_restart() {
         last_seq = a.create(link(&format!("early{i}"))).await.expect("create");
     }
 
-    let mut child = Command::new(std::env::current_exe().expect("test binary"))
-        .args(["crash_test_child_node", "--exact", "--nocapture"])
-        .env(CHILD_DIR_ENV, dir_victim.path())
-        .env(CHILD_NATS_ENV, nats.urls().join(","))
-        .env(CHILD_SNAPSHOT_AT_ENV, last_seq.to_string())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the child node");
-    let stdout = child.stdout.take().expect("child stdout");
+    let mut child = ChildNode(
+        Command::new(std::env::current_exe().expect("test binary"))
+            .args(["crash_test_child_node", "--exact", "--nocapture"])
+            .env(CHILD_DIR_ENV, dir_victim.path())
+            .env(CHILD_NATS_ENV, nats.urls().join(","))
+            .env(CHILD_SNAPSHOT_AT_ENV, last_seq.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the child node"),
+    );
+    let stdout = child.0.stdout.take().expect("child stdout");
     let (lines_tx, lines_rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -583,8 +603,8 @@ async fn a_killed_node_catches_up_on_restart() {
             .await
             .expect("create");
     }
-    child.kill().expect("SIGKILL the child node");
-    child.wait().expect("reap the child node");
+    child.0.kill().expect("SIGKILL the child node");
+    child.0.wait().expect("reap the child node");
     for i in 0..30 {
         a.create(link(&format!("while_down{i}")))
             .await

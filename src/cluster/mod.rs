@@ -319,26 +319,7 @@ impl ClusterNode {
         if options.replicas == 0 {
             return Err(ClusterError::Options("replicas must be at least 1".into()));
         }
-        // Counts (re)connections: the follower re-subscribes after each one, because a pull
-        // consumer whose requests were in flight on the lost connection can go silent.
-        let connections = Arc::new(watch::Sender::new(0u64));
-        let connections_seen = connections.subscribe();
-        let client = async_nats::ConnectOptions::new()
-            .connection_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
-            .event_callback(move |event| {
-                let connections = connections.clone();
-                async move {
-                    if matches!(event, async_nats::Event::Connected) {
-                        connections.send_modify(|count| *count += 1);
-                    }
-                }
-            })
-            .connect(options.nats_urls.as_slice())
-            .await
-            .map_err(|source| ClusterError::Connect {
-                urls: options.nats_urls.join(","),
-                source,
-            })?;
+        let (client, connections_seen) = connect(&options.nats_urls).await?;
         let filter_subjects_supported = supports_filter_subjects(&client.server_info().version);
         let mut jetstream = async_nats::jetstream::new(client);
         jetstream.set_timeout(Duration::from_millis(JETSTREAM_REQUEST_TIMEOUT_MS));
@@ -734,6 +715,33 @@ impl ClusterNode {
             .await
             .map_err(nats("create the snapshot bucket"))
     }
+}
+
+/// Connects to NATS. The receiver changes on every (re)connection: the follower re-subscribes
+/// after each one, because a pull consumer whose requests were in flight on the lost connection
+/// can go silent.
+async fn connect(
+    urls: &[String],
+) -> Result<(async_nats::Client, watch::Receiver<u64>), ClusterError> {
+    let connections = Arc::new(watch::Sender::new(0u64));
+    let connections_seen = connections.subscribe();
+    let client = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
+        .event_callback(move |event| {
+            let connections = connections.clone();
+            async move {
+                if matches!(event, async_nats::Event::Connected) {
+                    connections.send_modify(|count| *count += 1);
+                }
+            }
+        })
+        .connect(urls)
+        .await
+        .map_err(|source| ClusterError::Connect {
+            urls: urls.join(","),
+            source,
+        })?;
+    Ok((client, connections_seen))
 }
 
 /// NATS servers before 2.10 know only one filter subject per consumer.
