@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use kurz::cluster::clicks::ClickCounter;
 use kurz::cluster::{Bootstrap, ClusterError, ClusterNode, ClusterOptions};
 use kurz::store::link::{Link, LinkMeta, LinkStatus};
 use kurz::store::StoreError;
@@ -781,4 +782,48 @@ async fn a_data_dir_ahead_of_a_remade_stream_is_refused() {
         "{:?}",
         refused.err()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_node_counts_the_clicks_of_the_whole_cluster() {
+    let nats = NatsCluster::start().await;
+    let dir_a = tempfile::tempdir().expect("tempdir");
+    let dir_b = tempfile::tempdir().expect("tempdir");
+    let a = start_node(options(nats.urls(), dir_a.path())).await;
+    let b = start_node(options(nats.urls(), dir_b.path())).await;
+    let flush_ms = 50;
+    let clicks_a = ClickCounter::start(&a, flush_ms).await.expect("clicks a");
+    let clicks_b = ClickCounter::start(&b, flush_ms).await.expect("clicks b");
+    for _ in 0..5 {
+        clicks_a.record("hot");
+    }
+    for _ in 0..7 {
+        clicks_b.record("hot");
+    }
+    clicks_b.record("cold");
+    assert_eq!(
+        clicks_a.total("hot"),
+        5,
+        "a node's own clicks count at once"
+    );
+    eventually("both nodes see every click", || {
+        clicks_a.total("hot") == 12 && clicks_b.total("hot") == 12 && clicks_a.total("cold") == 1
+    })
+    .await;
+
+    // A restarted counter (a new process) takes a fresh slot and folds the old ones.
+    drop(clicks_a);
+    let clicks_a = ClickCounter::start(&a, flush_ms)
+        .await
+        .expect("clicks a again");
+    eventually("the restarted counter folds every slot", || {
+        clicks_a.total("hot") == 12
+    })
+    .await;
+    clicks_a.record("hot");
+    clicks_a.flush().await.expect("flush");
+    eventually("the other node sees the new click", || {
+        clicks_b.total("hot") == 13
+    })
+    .await;
 }

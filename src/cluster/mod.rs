@@ -21,6 +21,7 @@
 //! - A snapshot covering stream sequence S holds every record up to S (it may hold newer ones:
 //!   records are whole states, so replaying them from S + 1 is harmless).
 
+pub mod clicks;
 pub mod datadir;
 pub mod record;
 pub mod shard;
@@ -296,6 +297,8 @@ pub struct ClusterNode {
     bootstrap: Bootstrap,
     follower: JoinHandle<()>,
     snapshot_cycle: tokio::sync::Mutex<()>,
+    /// Changes on every NATS (re)connection; other followers of this connection watch it too.
+    connections: watch::Receiver<u64>,
 }
 
 impl Drop for ClusterNode {
@@ -367,7 +370,7 @@ impl ClusterNode {
                 prefix: options.subject_prefix.clone(),
                 shard_set: shard_set.clone(),
                 filter_subjects_supported,
-                connections: connections_seen,
+                connections: connections_seen.clone(),
             },
         ));
         Ok(ClusterNode {
@@ -380,6 +383,7 @@ impl ClusterNode {
             bootstrap,
             follower,
             snapshot_cycle: tokio::sync::Mutex::new(()),
+            connections: connections_seen,
         })
     }
 
