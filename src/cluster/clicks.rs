@@ -31,7 +31,7 @@ use super::shard::{self, ShardSet};
 use super::{nats, ClusterError, ClusterNode};
 
 pub const CLICKS_STREAM_SUFFIX: &str = "_CLICKS";
-pub const CLICKS_SUBJECT_PREFIX_DEFAULT: &str = "kurz.clicks";
+pub const CLICKS_SUBJECT_PREFIX: &str = "kurz.clicks";
 /// How often a node publishes the counts that changed.
 pub const CLICK_FLUSH_MS_DEFAULT: u64 = 1_000;
 /// Pause before the fold re-subscribes after losing its consumer.
@@ -78,7 +78,7 @@ impl ClickCounter {
     /// slot's counts for the node's shards, and publishes this process's counts every
     /// `flush_ms`.
     pub async fn start(node: &ClusterNode, flush_ms: u64) -> Result<ClickCounter, ClusterError> {
-        let prefix = CLICKS_SUBJECT_PREFIX_DEFAULT.to_owned();
+        let prefix = CLICKS_SUBJECT_PREFIX.to_owned();
         let stream = node
             .jetstream
             .get_or_create_stream(stream::Config {
