@@ -29,6 +29,10 @@ pub const TIMEOUT_SHUTDOWN_MS_DEFAULT: u64 = 10_000;
 pub const CLICKS_CHECKPOINT_MS_DEFAULT: u64 = 10_000;
 /// Checkpoints rewrite every counter, so they must not run back to back.
 const CLICKS_CHECKPOINT_MS_MIN: u64 = 100;
+pub const CLICK_LOG_FLUSH_MS_DEFAULT: u64 = 1000;
+const CLICK_LOG_FLUSH_MS_MIN: u64 = 10;
+pub const SNAPSHOT_EVERY_RECORDS_DEFAULT: u64 = 1_000_000;
+pub const SNAPSHOT_AGE_MAX_S_DEFAULT: u64 = 3600;
 /// Largest accepted blocklist file; a bigger one is almost certainly the wrong file.
 const BLOCKLIST_BYTES_MAX: u64 = 64 * 1024 * 1024;
 /// Largest accepted TOML config file.
@@ -154,6 +158,26 @@ pub struct ServeArgs {
     /// written at shutdown; a kill -9 loses the clicks since the last checkpoint) [default: 10000].
     #[arg(long, env = "KURZ_CLICKS_CHECKPOINT_MS")]
     pub clicks_checkpoint_ms: Option<u64>,
+    /// How often click analytics (referrers, countries, user agents, time series) are flushed to
+    /// their event log under <data-dir>/analytics, in ms; a kill -9 loses at most this much
+    /// [default: 1000].
+    #[arg(long, env = "KURZ_CLICK_LOG_FLUSH_MS")]
+    pub click_log_flush_ms: Option<u64>,
+    /// GeoIP2/GeoLite2-style country database (.mmdb) for the countries of clicks; read at start,
+    /// never downloaded.
+    #[arg(long, env = "KURZ_GEOIP_DB")]
+    pub geoip_db: Option<PathBuf>,
+    /// Request header a CDN in front sets to the client's country code (e.g. CF-IPCountry), used
+    /// when no database is configured or it does not know the address.
+    #[arg(long, env = "KURZ_COUNTRY_HEADER")]
+    pub country_header: Option<String>,
+    /// Write a snapshot (and drop the WAL it covers) after this many writes [default: 1000000].
+    #[arg(long, env = "KURZ_SNAPSHOT_EVERY_RECORDS")]
+    pub snapshot_every_records: Option<u64>,
+    /// Write a snapshot when the last one is this old and anything was written since, in
+    /// seconds [default: 3600].
+    #[arg(long, env = "KURZ_SNAPSHOT_AGE_MAX_S")]
+    pub snapshot_age_max_s: Option<u64>,
     /// Serve the public listener with hyper alone, without the lean HTTP/1.1 path that answers
     /// plain GET/HEAD /{code} requests itself (for comparison and debugging).
     #[arg(long, env = "KURZ_HYPER_ONLY")]
@@ -199,6 +223,11 @@ impl ServeArgs {
             timeout_header_read_ms: self.timeout_header_read_ms.or(file.timeout_header_read_ms),
             timeout_shutdown_ms: self.timeout_shutdown_ms.or(file.timeout_shutdown_ms),
             clicks_checkpoint_ms: self.clicks_checkpoint_ms.or(file.clicks_checkpoint_ms),
+            click_log_flush_ms: self.click_log_flush_ms.or(file.click_log_flush_ms),
+            geoip_db: self.geoip_db.or(file.geoip_db),
+            country_header: self.country_header.or(file.country_header),
+            snapshot_every_records: self.snapshot_every_records.or(file.snapshot_every_records),
+            snapshot_age_max_s: self.snapshot_age_max_s.or(file.snapshot_age_max_s),
             hyper_only: self.hyper_only || file.hyper_only,
         }
     }
@@ -236,6 +265,11 @@ pub struct ServeConfig {
     pub timeout_header_read_ms: u64,
     pub timeout_shutdown_ms: u64,
     pub clicks_checkpoint_ms: u64,
+    pub click_log_flush_ms: u64,
+    pub geoip_db: Option<PathBuf>,
+    /// Lower-case header name.
+    pub country_header: Option<String>,
+    pub snapshot_policy: crate::store::snapshotter::SnapshotPolicy,
     pub hyper_only: bool,
 }
 
@@ -410,6 +444,33 @@ impl ServeConfig {
                 format!("must be at least {CLICKS_CHECKPOINT_MS_MIN}"),
             ));
         }
+        let click_log_flush_ms = args
+            .click_log_flush_ms
+            .unwrap_or(CLICK_LOG_FLUSH_MS_DEFAULT);
+        if click_log_flush_ms < CLICK_LOG_FLUSH_MS_MIN {
+            return Err(invalid(
+                "click_log_flush_ms",
+                format!("must be at least {CLICK_LOG_FLUSH_MS_MIN}"),
+            ));
+        }
+        let country_header = match args.country_header {
+            Some(name) if hyper::header::HeaderName::from_bytes(name.as_bytes()).is_err() => {
+                return Err(invalid("country_header", "is not a valid header name"));
+            }
+            name => name.map(|name| name.to_ascii_lowercase()),
+        };
+        let snapshot_every_records = args
+            .snapshot_every_records
+            .unwrap_or(SNAPSHOT_EVERY_RECORDS_DEFAULT);
+        let snapshot_age_max_s = args
+            .snapshot_age_max_s
+            .unwrap_or(SNAPSHOT_AGE_MAX_S_DEFAULT);
+        if snapshot_every_records == 0 || snapshot_age_max_s == 0 {
+            return Err(invalid(
+                "snapshot_every_records",
+                "snapshot_every_records and snapshot_age_max_s must be at least 1",
+            ));
+        }
         Ok(ServeConfig {
             data_dir,
             listen,
@@ -445,6 +506,13 @@ impl ServeConfig {
                 .timeout_shutdown_ms
                 .unwrap_or(TIMEOUT_SHUTDOWN_MS_DEFAULT),
             clicks_checkpoint_ms,
+            click_log_flush_ms,
+            geoip_db: args.geoip_db,
+            country_header,
+            snapshot_policy: crate::store::snapshotter::SnapshotPolicy {
+                wal_records_max: snapshot_every_records,
+                age_max: std::time::Duration::from_secs(snapshot_age_max_s),
+            },
             hyper_only: args.hyper_only,
         })
     }

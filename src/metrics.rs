@@ -14,6 +14,7 @@ pub enum Route {
     UrlGet,
     UrlPatch,
     UrlDelete,
+    UrlQr,
     Stats,
     OpenApi,
     Health,
@@ -25,13 +26,14 @@ pub enum Route {
     Other,
 }
 
-const ROUTES: [(Route, &str); 15] = [
+const ROUTES: [(Route, &str); 16] = [
     (Route::Redirect, "redirect"),
     (Route::Shorten, "shorten"),
     (Route::ShortenBatch, "shorten_batch"),
     (Route::UrlGet, "url_get"),
     (Route::UrlPatch, "url_patch"),
     (Route::UrlDelete, "url_delete"),
+    (Route::UrlQr, "url_qr"),
     (Route::Stats, "stats"),
     (Route::OpenApi, "openapi"),
     (Route::Health, "healthz"),
@@ -80,6 +82,8 @@ pub struct StoreGauges {
     pub wal_batch_records_last: u64,
     pub wal_broken: bool,
     pub clicks_total: u64,
+    /// The click analytics pipeline's counters (zero until it runs).
+    pub analytics: crate::analytics::pipeline::PipelineCounters,
 }
 
 pub struct Metrics {
@@ -173,7 +177,7 @@ impl Metrics {
         let _ = writeln!(out, "kurz_redirect_latency_seconds_count {count}");
         let wal_fsync_s_total = gauges.wal_fsync_us_total as f64 / 1e6;
         let wal_fsync_s_last = gauges.wal_fsync_us_last as f64 / 1e6;
-        let simple: [(&str, &str, &str, String); 15] = [
+        let simple: [(&str, &str, &str, String); 20] = [
             (
                 "kurz_ready",
                 "gauge",
@@ -257,6 +261,36 @@ impl Metrics {
                 "gauge",
                 "Records in the last WAL group commit.",
                 gauges.wal_batch_records_last.to_string(),
+            ),
+            (
+                "kurz_click_events_total",
+                "counter",
+                "Click events aggregated (referrers, countries, user agents) since start-up.",
+                gauges.analytics.events_total.to_string(),
+            ),
+            (
+                "kurz_click_events_bot_total",
+                "counter",
+                "Aggregated click events from bots and link unfurlers since start-up.",
+                gauges.analytics.bot_events_total.to_string(),
+            ),
+            (
+                "kurz_click_events_dropped_total",
+                "counter",
+                "Click events dropped because the analytics queue was full (counts stay exact).",
+                gauges.analytics.dropped_total.to_string(),
+            ),
+            (
+                "kurz_click_events_queued",
+                "gauge",
+                "Click events waiting for the aggregator.",
+                gauges.analytics.queued.to_string(),
+            ),
+            (
+                "kurz_click_aggregator_lag_seconds",
+                "gauge",
+                "Age of the newest aggregated click while events are waiting.",
+                gauges.analytics.lag_s.to_string(),
             ),
             (
                 "kurz_wal_broken",

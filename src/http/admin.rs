@@ -88,6 +88,10 @@ fn gauges(app: &App) -> StoreGauges {
         snapshot_age_s: now_ms.saturating_sub(header.written_at_ms) / 1000,
         snapshot_file_bytes: store.snapshot_file_bytes(),
         clicks_total: app.clicks.clicks_total(),
+        analytics: app
+            .analytics()
+            .map(|analytics| analytics.counters(crate::http::now_s()))
+            .unwrap_or_default(),
         ..StoreGauges::default()
     };
     if let Some(wal) = store.wal_stats() {

@@ -17,6 +17,7 @@ use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};
 
 use super::{json as json_response, now_s, parse_rfc3339, rfc3339, App, Response};
+use crate::analytics::aggregate::{Granularity, LinkAggregates, StatsQuery};
 use crate::auth::{KeyRefusal, Principal, Scope};
 use crate::links::codegen::{self, random_code, CodeStrategy};
 use crate::links::lifecycle::{self, Gone};
@@ -133,6 +134,10 @@ pub async fn handle(app: &Arc<App>, request: Request<Incoming>, peer: IpAddr) ->
         }
         (Method::GET, "/api/v1/openapi.json") => (Route::OpenApi, Ok(openapi())),
         (method, path) => match path.strip_prefix("/api/v1/urls/") {
+            Some(rest) if method == Method::GET && rest.ends_with("/qr") => {
+                let code = rest.trim_end_matches("/qr");
+                (Route::UrlQr, qr(app, &request, code))
+            }
             Some(code) if method == Method::GET => (Route::UrlGet, get_url(app, &request, code)),
             Some(code) if method == Method::PATCH => {
                 let code = code.to_owned();
@@ -242,28 +247,17 @@ fn authorize_create(app: &App, headers: &HeaderMap) -> Result<Principal, ApiErro
     Ok(principal)
 }
 
-/// Longest X-Forwarded-For worth reading; a longer one is ignored.
-const FORWARDED_FOR_BYTES_MAX: usize = 1024;
-
-/// The client's address: the peer, or, when the peer is a trusted proxy, the right-most address
-/// in X-Forwarded-For that is not itself a trusted proxy.
+/// The client's address, from the peer and every X-Forwarded-For header (see
+/// [`super::client_ip`]).
 fn client_ip(app: &App, headers: &HeaderMap, peer: IpAddr) -> IpAddr {
-    let trusted = &app.config.trusted_proxies;
-    if !trusted.contains(&peer) {
-        return peer;
-    }
     let forwarded = headers
         .get_all("x-forwarded-for")
         .iter()
         .filter_map(|value| value.to_str().ok())
-        .filter(|value| value.len() <= FORWARDED_FOR_BYTES_MAX)
+        .filter(|value| value.len() <= super::FORWARDED_FOR_BYTES_MAX)
         .collect::<Vec<_>>()
         .join(",");
-    forwarded
-        .rsplit(',')
-        .filter_map(|entry| entry.trim().parse::<IpAddr>().ok())
-        .find(|address| !trusted.contains(address))
-        .unwrap_or(peer)
+    super::client_ip(&app.config.trusted_proxies, &forwarded, peer)
 }
 
 /// Takes `cost` tokens from the caller's key bucket (if any) and client-IP bucket.
@@ -761,18 +755,164 @@ fn get_url<B>(app: &App, request: &Request<B>, code: &str) -> Result<Response, A
     Ok(json_response(StatusCode::OK, &link_body(app, &link)))
 }
 
+/// Default window of a stats query without `from`, in seconds.
+const STATS_WINDOW_S_DEFAULT: i64 = 30 * 86_400;
+
+fn bad_query(message: String) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", message)
+}
+
+/// A time in a query: RFC 3339 or unix seconds.
+fn query_time(name: &str, value: &str) -> Result<i64, ApiError> {
+    value
+        .parse::<i64>()
+        .ok()
+        .or_else(|| parse_rfc3339(value))
+        .ok_or_else(|| {
+            bad_query(format!(
+                "{name}={value:?} is not an RFC 3339 time or unix seconds"
+            ))
+        })
+}
+
+/// The window and bucket size of `GET /api/v1/stats/{code}?from=&to=&granularity=hour|day`.
+fn stats_query(query: Option<&str>, now_s: i64) -> Result<StatsQuery, ApiError> {
+    let (mut from_s, mut to_s, mut granularity) = (None, None, Granularity::Day);
+    for (name, value) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match name.as_ref() {
+            "from" => from_s = Some(query_time("from", &value)?),
+            "to" => to_s = Some(query_time("to", &value)?),
+            "granularity" => {
+                granularity = match value.as_ref() {
+                    "hour" => Granularity::Hour,
+                    "day" => Granularity::Day,
+                    other => {
+                        return Err(bad_query(format!("granularity={other:?}: use hour or day")))
+                    }
+                }
+            }
+            other => return Err(bad_query(format!("unknown query parameter {other:?}"))),
+        }
+    }
+    let to_s = to_s.unwrap_or(now_s + 1);
+    Ok(StatsQuery {
+        from_s: from_s.unwrap_or(to_s - STATS_WINDOW_S_DEFAULT),
+        to_s,
+        granularity,
+    })
+}
+
+fn ranked(entries: &[(String, u64)], key: &str) -> Value {
+    Value::Array(
+        entries
+            .iter()
+            .map(|(name, clicks)| json!({ key: name, "clicks": clicks }))
+            .collect(),
+    )
+}
+
 fn stats<B>(app: &App, request: &Request<B>, code: &str) -> Result<Response, ApiError> {
     require_key(app, request.headers())?;
     let link = existing(app, code)?;
+    let now_s = super::now_s();
+    let query = stats_query(request.uri().query(), now_s)?;
+    let analytics = app.analytics().ok_or_else(not_ready)?;
+    let answer = analytics
+        .stats(&link.code, query, now_s)
+        .unwrap_or_else(|| LinkAggregates::default().stats(query, now_s))
+        .map_err(|error| bad_query(error.to_string()))?;
     let clicks = app.clicks.stats(&link.code);
+    let step_s = query.granularity.seconds();
     Ok(json_response(
         StatusCode::OK,
         &json!({
             "short_code": link.code,
             "clicks": clicks.clicks,
             "last_clicked_at": optional_time(clicks.last_clicked_at_s),
+            "human_clicks": answer.human_total,
+            "bot_clicks": answer.bot_total,
+            "from": rfc3339(query.from_s.div_euclid(step_s) * step_s),
+            "to": rfc3339(query.to_s),
+            "granularity": match query.granularity {
+                Granularity::Hour => "hour",
+                Granularity::Day => "day",
+            },
+            "window": { "clicks": answer.window.human, "bot_clicks": answer.window.bot },
+            "buckets": answer.buckets.iter().map(|bucket| json!({
+                "start": rfc3339(bucket.start_s),
+                "clicks": bucket.human,
+                "bot_clicks": bucket.bot,
+            })).collect::<Vec<_>>(),
+            "referrers": ranked(&answer.referrers, "domain"),
+            "countries": ranked(&answer.countries, "country"),
+            "browsers": ranked(&answer.browsers, "browser"),
+            "os": ranked(&answer.os, "os"),
+            "bots": ranked(&answer.bots, "bot"),
+            "events_queued": analytics.counters(now_s).queued,
         }),
     ))
+}
+
+/// Side of a QR code image, in pixels (at least; the code's modules are whole pixels).
+const QR_PIXELS_MIN: u32 = 256;
+
+/// `GET /api/v1/urls/{code}/qr?format=svg|png`: the link's short URL as a QR code.
+fn qr<B>(app: &App, request: &Request<B>, code: &str) -> Result<Response, ApiError> {
+    require_key(app, request.headers())?;
+    let link = existing(app, code)?;
+    let mut png = false;
+    for (name, value) in url::form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes())
+    {
+        match (name.as_ref(), value.as_ref()) {
+            ("format", "svg") => png = false,
+            ("format", "png") => png = true,
+            (name, value) => {
+                return Err(bad_query(format!(
+                    "{name}={value:?}: the only parameter is format=svg|png"
+                )))
+            }
+        }
+    }
+    let url = short_url(app, &link.code);
+    let code = qrcode::QrCode::new(url.as_bytes()).map_err(|error| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "qr_failed",
+            error.to_string(),
+        )
+    })?;
+    let (content_type, body) = if png {
+        let image = code
+            .render::<image::Luma<u8>>()
+            .min_dimensions(QR_PIXELS_MIN, QR_PIXELS_MIN)
+            .build();
+        let mut bytes = Vec::new();
+        image
+            .write_to(
+                &mut std::io::Cursor::new(&mut bytes),
+                image::ImageFormat::Png,
+            )
+            .map_err(|error| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "qr_failed",
+                    error.to_string(),
+                )
+            })?;
+        ("image/png", bytes)
+    } else {
+        let svg = code
+            .render::<qrcode::render::svg::Color<'_>>()
+            .min_dimensions(QR_PIXELS_MIN, QR_PIXELS_MIN)
+            .build();
+        ("image/svg+xml", svg.into_bytes())
+    };
+    let mut response = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    Ok(response)
 }
 
 #[derive(Deserialize, Debug, Clone)]

@@ -9,6 +9,7 @@
 
 use std::cell::RefCell;
 use std::io;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -21,7 +22,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
-use super::redirect::{self, Verdict};
+use super::redirect::{self, ClickContext, Verdict};
 use super::App;
 use crate::metrics::Route;
 use crate::store::link::RedirectStatus;
@@ -99,6 +100,7 @@ enum Step {
 /// how long a client may leave its answers unread.
 pub async fn serve(
     mut stream: TcpStream,
+    peer: IpAddr,
     app: &App,
     timeout: Duration,
     head_bytes_max: usize,
@@ -113,7 +115,7 @@ pub async fn serve(
     tokio::pin!(stopped);
     loop {
         while !buf.is_empty() {
-            match step(app, &buf, head_bytes_max, &mut out) {
+            match step(app, peer, &buf, head_bytes_max, &mut out) {
                 Step::Answered(consumed) => {
                     buf.advance(consumed);
                     head_deadline = None;
@@ -160,7 +162,7 @@ async fn write_all(stream: &mut TcpStream, bytes: &[u8], timeout: Duration) -> b
 
 /// Parses the request at the start of `buf` and, if it is a plain `GET`/`HEAD /{code}`, answers
 /// it into `out`.
-fn step(app: &App, buf: &[u8], head_bytes_max: usize, out: &mut Vec<u8>) -> Step {
+fn step(app: &App, peer: IpAddr, buf: &[u8], head_bytes_max: usize, out: &mut Vec<u8>) -> Step {
     let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
     let mut request = httparse::Request::new(&mut headers);
     let consumed = match request.parse(buf) {
@@ -189,9 +191,22 @@ fn step(app: &App, buf: &[u8], head_bytes_max: usize, out: &mut Vec<u8>) -> Step
         return Step::Hyper;
     }
     let mut accepts_json = false;
+    let mut click = ClickContext {
+        peer: Some(peer),
+        ..ClickContext::default()
+    };
+    let country_header = app.config.country_header.as_deref();
     for header in request.headers.iter() {
         let name = header.name;
-        if name.eq_ignore_ascii_case("accept") {
+        if name.eq_ignore_ascii_case("referer") {
+            click.referer = Some(header.value);
+        } else if name.eq_ignore_ascii_case("user-agent") {
+            click.user_agent = Some(header.value);
+        } else if name.eq_ignore_ascii_case("x-forwarded-for") {
+            click.forwarded_for = Some(header.value);
+        } else if country_header.is_some_and(|country| name.eq_ignore_ascii_case(country)) {
+            click.country = Some(header.value);
+        } else if name.eq_ignore_ascii_case("accept") {
             accepts_json =
                 contains(header.value, b"application/json") || contains(header.value, b"+json");
         } else if (name.eq_ignore_ascii_case("content-length") && header.value != b"0")
@@ -204,7 +219,7 @@ fn step(app: &App, buf: &[u8], head_bytes_max: usize, out: &mut Vec<u8>) -> Step
         }
     }
     let started = Instant::now();
-    let status = redirect::decide(app, head, path, query, |verdict| {
+    let status = redirect::decide(app, head, path, query, &click, |verdict| {
         write_verdict(head, accepts_json, verdict, out)
     });
     app.metrics

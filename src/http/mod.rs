@@ -19,6 +19,7 @@ use hyper::StatusCode;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+use crate::analytics::pipeline::{ClickEvent, ClickPipeline, HEADER_BYTES_MAX};
 use crate::analytics::ClickCounters;
 use crate::auth::{AuthError, Keys};
 use crate::config::{ConfigError, ServeConfig};
@@ -47,6 +48,10 @@ pub enum ServeError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Clicks(#[from] crate::analytics::ClicksError),
+    #[error(transparent)]
+    Analytics(#[from] crate::analytics::pipeline::AnalyticsError),
+    #[error(transparent)]
+    Geo(#[from] crate::analytics::geo::GeoError),
     #[error("the store opener stopped unexpectedly: {0}")]
     Opener(String),
 }
@@ -56,6 +61,8 @@ pub struct App {
     pub config: ServeConfig,
     /// Set once the store is open and the WAL replayed; until then /readyz and data calls say 503.
     store: OnceLock<Store>,
+    /// The click analytics pipeline, set when the store opens.
+    analytics: OnceLock<ClickPipeline>,
     pub clicks: ClickCounters,
     pub metrics: Metrics,
     pub keys: Keys,
@@ -77,6 +84,7 @@ impl App {
             counter: CounterCodes::new(config.counter_node_id, config.counter_permuted),
             config,
             store: OnceLock::new(),
+            analytics: OnceLock::new(),
             clicks: ClickCounters::default(),
             metrics: Metrics::default(),
             keys,
@@ -96,10 +104,69 @@ impl App {
         self.store.set(store).is_ok()
     }
 
-    /// Takes the store back for closing.
-    pub fn into_store(self) -> Option<Store> {
-        self.store.into_inner()
+    /// The click analytics pipeline, once it runs.
+    pub fn analytics(&self) -> Option<&ClickPipeline> {
+        self.analytics.get()
     }
+
+    /// Hands the pipeline over once it runs; returns false (and drops it) if one was set before.
+    pub fn set_analytics(&self, pipeline: ClickPipeline) -> bool {
+        self.analytics.set(pipeline).is_ok()
+    }
+
+    /// Takes the store and the analytics pipeline back for closing.
+    pub fn into_parts(self) -> (Option<Store>, Option<ClickPipeline>) {
+        (self.store.into_inner(), self.analytics.into_inner())
+    }
+
+    /// Hands a served click to the analytics pipeline without blocking (a no-op until it runs).
+    /// Copies at most [`HEADER_BYTES_MAX`] of each header.
+    pub fn record_click(&self, code: &str, now_s: i64, click: &redirect::ClickContext<'_>) {
+        let Some(pipeline) = self.analytics.get() else {
+            return;
+        };
+        let text = |value: Option<&[u8]>| {
+            value.map(|value| {
+                let value = &value[..value.len().min(HEADER_BYTES_MAX)];
+                Box::<str>::from(String::from_utf8_lossy(value))
+            })
+        };
+        let forwarded_for = click
+            .forwarded_for
+            .filter(|value| value.len() <= FORWARDED_FOR_BYTES_MAX)
+            .and_then(|value| std::str::from_utf8(value).ok())
+            .unwrap_or("");
+        pipeline.record(ClickEvent {
+            code: code.into(),
+            at_s: now_s,
+            referer: text(click.referer),
+            user_agent: text(click.user_agent),
+            client_ip: click
+                .peer
+                .map(|peer| client_ip(&self.config.trusted_proxies, forwarded_for, peer)),
+            country_header: text(click.country),
+        });
+    }
+}
+
+/// Longest X-Forwarded-For worth reading; a longer one is ignored.
+pub const FORWARDED_FOR_BYTES_MAX: usize = 1024;
+
+/// The client's address: the peer, or, when the peer is a trusted proxy, the right-most address
+/// in `forwarded_for` (X-Forwarded-For values joined by ',') that is not itself a trusted proxy.
+pub fn client_ip(
+    trusted: &[std::net::IpAddr],
+    forwarded_for: &str,
+    peer: std::net::IpAddr,
+) -> std::net::IpAddr {
+    if !trusted.contains(&peer) {
+        return peer;
+    }
+    forwarded_for
+        .rsplit(',')
+        .filter_map(|entry| entry.trim().parse::<std::net::IpAddr>().ok())
+        .find(|address| !trusted.contains(address))
+        .unwrap_or(peer)
 }
 
 /// Unix seconds now.

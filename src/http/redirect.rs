@@ -4,6 +4,8 @@
 //! never does disk I/O, and never writes to the store; the only shared writes are the link's
 //! click counter and the metrics.
 
+use std::net::IpAddr;
+
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::header::{self, HeaderMap, HeaderValue};
@@ -52,6 +54,31 @@ impl Verdict<'_> {
     }
 }
 
+/// What a redirect's request says about its client, for click analytics; borrowed from the
+/// request's headers, copied only if the click is served.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ClickContext<'a> {
+    pub peer: Option<IpAddr>,
+    pub referer: Option<&'a [u8]>,
+    pub user_agent: Option<&'a [u8]>,
+    pub forwarded_for: Option<&'a [u8]>,
+    /// The value of the configured country header.
+    pub country: Option<&'a [u8]>,
+}
+
+impl<'a> ClickContext<'a> {
+    fn of(app: &App, headers: &'a HeaderMap, peer: IpAddr) -> ClickContext<'a> {
+        let value = |name: &str| headers.get(name).map(HeaderValue::as_bytes);
+        ClickContext {
+            peer: Some(peer),
+            referer: value("referer"),
+            user_agent: value("user-agent"),
+            forwarded_for: value("x-forwarded-for"),
+            country: app.config.country_header.as_deref().and_then(value),
+        }
+    }
+}
+
 /// Decides what `path` (with `query`) answers and hands the verdict to `render` while the link
 /// is borrowed from the store, so the target is never copied on the way. A GET counts a click
 /// (and is refused once a click cap is reached); a HEAD only looks.
@@ -60,6 +87,7 @@ pub fn decide<R>(
     head: bool,
     path: &str,
     query: Option<&str>,
+    click: &ClickContext<'_>,
     render: impl FnOnce(Verdict<'_>) -> R,
 ) -> R {
     let code = path.strip_prefix('/').unwrap_or(path);
@@ -84,6 +112,9 @@ pub fn decide<R>(
         };
         if !served {
             return render(Verdict::Gone(Gone::ClickCapReached));
+        }
+        if !head {
+            app.record_click(code, now_s, click);
         }
         let status = link
             .meta
@@ -137,7 +168,7 @@ pub fn cache_control(app: &App, max_age_s: Option<u64>) -> HeaderValue {
 }
 
 /// Answers a request for `/{code}` through hyper.
-pub fn handle<B>(app: &App, request: &Request<B>) -> Response {
+pub fn handle<B>(app: &App, request: &Request<B>, peer: IpAddr) -> Response {
     let started = std::time::Instant::now();
     let headers = request.headers();
     let method = request.method();
@@ -148,6 +179,7 @@ pub fn handle<B>(app: &App, request: &Request<B>) -> Response {
             head,
             request.uri().path(),
             request.uri().query(),
+            &ClickContext::of(app, headers, peer),
             |verdict| render(app, headers, verdict),
         )
     } else {

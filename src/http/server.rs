@@ -21,15 +21,20 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify, Semaphore};
 
 use super::{admin, api, fast, redirect, App, Response, ServeError};
+use crate::analytics::geo::CountryResolver;
+use crate::analytics::pipeline::{AnalyticsOptions, ClickPipeline};
 use crate::analytics::CLICKS_FILE;
 use crate::auth::Keys;
 use crate::config::ServeConfig;
 use crate::datafile::{self, ImportOptions};
 use crate::metrics::Route;
+use crate::store::snapshotter::Snapshotter;
 use crate::store::{Store, StoreOptions};
 
 /// Sample links imported on the first start of an empty data dir, for the quick start.
 pub const SAMPLE_LINKS_FILE: &str = "sample-links.tsv";
+/// Where click analytics keep their event log and checkpoint, under the data dir.
+pub const ANALYTICS_DIR: &str = "analytics";
 /// Largest request head (request line and headers) hyper buffers; beyond it the client gets 431.
 const REQUEST_HEAD_BYTES_MAX: usize = 16 * 1024;
 const REQUEST_HEADERS_MAX: usize = 64;
@@ -111,10 +116,18 @@ async fn serve(mut config: ServeConfig) -> Result<(), ServeError> {
     let signal = shutdown_signal();
     tokio::pin!(signal);
     let mut outcome = Ok(());
+    let mut snapshotter = None;
     tokio::select! {
         () = &mut signal => {}
         opened = opener => match opened {
-            Ok(Ok(())) => signal.await,
+            Ok(Ok(())) => {
+                let policy = app.config.snapshot_policy;
+                match Snapshotter::start(app.clone(), App::store, policy) {
+                    Ok(started) => snapshotter = Some(started),
+                    Err(error) => tracing::error!("automatic snapshots are off: {error}"),
+                }
+                signal.await
+            }
             Ok(Err(error)) => outcome = Err(error),
             Err(error) => outcome = Err(ServeError::Opener(error.to_string())),
         },
@@ -131,6 +144,8 @@ async fn serve(mut config: ServeConfig) -> Result<(), ServeError> {
         // previous run would be overwritten.
         save_clicks(&app).await;
     }
+    // Stops the policy thread (a cycle in progress finishes) and lets go of its hold on the app.
+    drop(snapshotter);
     close_store(app, grace).await;
     outcome
 }
@@ -164,13 +179,19 @@ async fn close_store(mut app: Arc<App>, grace: Duration) {
     loop {
         match Arc::try_unwrap(app) {
             Ok(app) => {
-                if let Some(store) = app.into_store() {
-                    tokio::task::spawn_blocking(move || store.close())
-                        .await
-                        .unwrap_or_else(|error| {
-                            tracing::error!("closing the store failed: {error}")
-                        });
-                    tracing::info!("store closed; WAL flushed");
+                let (store, analytics) = app.into_parts();
+                let closed = tokio::task::spawn_blocking(move || {
+                    if let Some(analytics) = analytics {
+                        analytics.shutdown();
+                        tracing::info!("click analytics flushed and checkpointed");
+                    }
+                    if let Some(store) = store {
+                        store.close();
+                        tracing::info!("store closed; WAL flushed");
+                    }
+                });
+                if let Err(error) = closed.await {
+                    tracing::error!("closing the store failed: {error}");
                 }
                 return;
             }
@@ -251,6 +272,18 @@ fn open_store(app: &App) -> Result<(), ServeError> {
     let sample = config.data_dir.join(SAMPLE_LINKS_FILE);
     if store_is_empty(&store) && sample.exists() {
         import_sample(&store, &sample, config);
+    }
+    let countries = match &config.geoip_db {
+        Some(path) => CountryResolver::open(path)?,
+        None => CountryResolver::without_database(),
+    };
+    let analytics = ClickPipeline::start(AnalyticsOptions {
+        flush_interval: Duration::from_millis(config.click_log_flush_ms),
+        countries,
+        ..AnalyticsOptions::new(config.data_dir.join(ANALYTICS_DIR))
+    })?;
+    if !app.set_analytics(analytics) {
+        tracing::error!("click analytics were started twice; keeping the first");
     }
     if !app.set_store(store) {
         tracing::error!("the store was opened twice; keeping the first");
@@ -363,6 +396,7 @@ async fn serve_connection(
     if kind == Listener::Public && !app.config.hyper_only {
         let handed_over = fast::serve(
             stream,
+            peer.ip(),
             &app,
             timeout_header_read,
             REQUEST_HEAD_BYTES_MAX,
@@ -426,7 +460,7 @@ async fn route(
             } else if path == "/readyz" {
                 (Route::Ready, super::readyz(app))
             } else {
-                (Route::Redirect, redirect::handle(app, &request))
+                (Route::Redirect, redirect::handle(app, &request, peer.ip()))
             }
         }
     };

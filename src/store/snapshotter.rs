@@ -45,11 +45,21 @@ pub struct Snapshotter {
 }
 
 impl Snapshotter {
-    pub fn start(store: Arc<Store>, policy: SnapshotPolicy) -> std::io::Result<Snapshotter> {
+    /// Starts the policy thread on the store that `store_of` finds in `owner` (the store itself,
+    /// or the server's state that holds it once open). The thread holds `owner` until dropped.
+    pub fn start<T: Send + Sync + 'static>(
+        owner: Arc<T>,
+        store_of: fn(&T) -> Option<&Store>,
+        policy: SnapshotPolicy,
+    ) -> std::io::Result<Snapshotter> {
         let (stop, stopped) = mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("kurz-snapshotter".into())
-            .spawn(move || run(&store, policy, &stopped))?;
+            .spawn(move || {
+                if let Some(store) = store_of(&owner) {
+                    run(store, policy, &stopped);
+                }
+            })?;
         Ok(Snapshotter {
             stop: Some(stop),
             thread: Some(thread),
@@ -131,6 +141,7 @@ mod tests {
         );
         let snapshotter = Snapshotter::start(
             store.clone(),
+            |store| Some(store),
             SnapshotPolicy {
                 wal_records_max: 100,
                 age_max: Duration::from_secs(3600),

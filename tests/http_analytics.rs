@@ -1,0 +1,339 @@
+//! Click analytics through the real server: classification of humans and bots, referrer
+//! domains and countries (trusted header and GeoIP database), exact counts under concurrency,
+//! persistence across SIGTERM and kill -9, the stats query, metrics, and QR codes.
+
+mod common;
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use common::mmdb::write_test_mmdb;
+use common::{add_key, data_dir, request, KeepAlive, Server};
+use kurz::analytics::geo::CountryResolver;
+use serde_json::Value;
+
+const FIREFOX: &str = "Mozilla/5.0 (X11; Linux x86_64; rv:121.0) Gecko/20100101 Firefox/121.0";
+const SLACKBOT: &str = "Slackbot-LinkExpanding 1.0 (+https://api.slack.com/robots)";
+const FLUSH: [&str; 2] = ["--click-log-flush-ms", "50"];
+
+fn stats(server: &Server, key: &str, code: &str, query: &str) -> Value {
+    let reply = server.with_key("GET", &format!("/api/v1/stats/{code}{query}"), key, "");
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    reply.json()
+}
+
+/// Polls the stats until `done` holds (the aggregator runs beside the redirect path).
+fn stats_when(server: &Server, key: &str, code: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let answer = stats(server, key, code, "");
+        if done(&answer) {
+            return answer;
+        }
+        assert!(Instant::now() < deadline, "stats never settled: {answer}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn ranked(answer: &Value, list: &str, key: &str) -> Vec<(String, u64)> {
+    answer[list]
+        .as_array()
+        .map(|entries| {
+            entries
+                .iter()
+                .map(|e| {
+                    (
+                        e[key].as_str().unwrap_or("").to_owned(),
+                        e["clicks"].as_u64().unwrap_or(0),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn click(server: &Server, code: &str, headers: &[(&str, &str)]) {
+    let reply = request(server.public, "GET", &format!("/{code}"), headers, b"");
+    assert_eq!(reply.status, 302);
+}
+
+#[test]
+fn humans_bots_referrers_and_countries_are_told_apart() {
+    let dir = data_dir();
+    let key = add_key(dir.path(), "alice", "write");
+    let server = Server::start(
+        dir.path(),
+        &[FLUSH[0], FLUSH[1], "--country-header", "CF-IPCountry"],
+    );
+    let code = server.create(&key, r#"{"long_url":"https://example.com/launch"}"#);
+
+    // Three humans through the lean keep-alive path, one through hyper, two unfurlers.
+    let mut connection = KeepAlive::connect(server.public);
+    for _ in 0..3 {
+        let reply = connection.request(
+            "GET",
+            &format!("/{code}"),
+            &[
+                ("Referer", "https://www.News.example/story"),
+                ("User-Agent", FIREFOX),
+                ("CF-IPCountry", "de"),
+            ],
+        );
+        assert_eq!(reply.status, 302);
+    }
+    click(&server, &code, &[("User-Agent", FIREFOX)]);
+    click(
+        &server,
+        &code,
+        &[("User-Agent", SLACKBOT), ("Referer", "https://slack.com/")],
+    );
+    click(&server, &code, &[("User-Agent", SLACKBOT)]);
+    // HEAD only looks: no click.
+    assert_eq!(
+        request(server.public, "HEAD", &format!("/{code}"), &[], b"").status,
+        302
+    );
+
+    let answer = stats_when(&server, &key, &code, |a| {
+        a["human_clicks"] == 4 && a["bot_clicks"] == 2
+    });
+    assert_eq!(answer["clicks"], 6, "the exact count includes bots");
+    assert_eq!(
+        ranked(&answer, "referrers", "domain"),
+        vec![("news.example".to_owned(), 3), ("direct".to_owned(), 1)]
+    );
+    assert_eq!(
+        ranked(&answer, "countries", "country"),
+        vec![("DE".to_owned(), 3), ("unknown".to_owned(), 1)]
+    );
+    assert_eq!(
+        ranked(&answer, "browsers", "browser"),
+        vec![("Firefox".to_owned(), 4)]
+    );
+    assert_eq!(
+        ranked(&answer, "bots", "bot"),
+        vec![("Slackbot".to_owned(), 2)]
+    );
+    let buckets = answer["buckets"].as_array().expect("buckets");
+    let in_buckets: u64 = buckets
+        .iter()
+        .map(|b| b["clicks"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(in_buckets, 4);
+    assert_eq!(answer["granularity"], "day");
+
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs());
+    let hourly = stats(
+        &server,
+        &key,
+        &code,
+        &format!("?granularity=hour&from={}&to={}", now_s - 86_400, now_s + 1),
+    );
+    let hours = hourly["buckets"].as_array().map_or(0, Vec::len);
+    assert!((24..=25).contains(&hours), "{hours} hourly buckets");
+    assert_eq!(hourly["window"]["clicks"], 4);
+    for bad in [
+        "?granularity=week",
+        "?from=yesterday",
+        "?colour=red",
+        "?granularity=hour&from=0",
+    ] {
+        let reply = server.with_key("GET", &format!("/api/v1/stats/{code}{bad}"), &key, "");
+        assert_eq!(reply.status, 400, "{bad}");
+        assert_eq!(reply.json()["code"], "invalid_query", "{bad}");
+    }
+    let metrics = request(server.admin, "GET", "/metrics", &[], b"").text();
+    assert!(metrics.contains("kurz_click_events_total 6"), "{metrics}");
+    assert!(
+        metrics.contains("kurz_click_events_bot_total 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("kurz_click_events_dropped_total 0"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn counts_are_exact_after_concurrent_redirects() {
+    let dir = data_dir();
+    let key = add_key(dir.path(), "alice", "write");
+    let server = Server::start(dir.path(), &FLUSH);
+    let code = server.create(&key, r#"{"long_url":"https://example.com/busy"}"#);
+    std::thread::scope(|scope| {
+        for _ in 0..8 {
+            scope.spawn(|| {
+                let mut connection = KeepAlive::connect(server.public);
+                for _ in 0..50 {
+                    let reply =
+                        connection.request("GET", &format!("/{code}"), &[("User-Agent", FIREFOX)]);
+                    assert_eq!(reply.status, 302);
+                }
+            });
+        }
+    });
+    let answer = stats_when(&server, &key, &code, |a| a["human_clicks"] == 400);
+    assert_eq!(answer["clicks"], 400);
+    assert_eq!(answer["window"]["clicks"], 400);
+}
+
+#[test]
+fn analytics_survive_sigterm_and_kill_9() {
+    let dir = data_dir();
+    let key = add_key(dir.path(), "alice", "write");
+    let server = Server::start(dir.path(), &FLUSH);
+    let code = server.create(&key, r#"{"long_url":"https://example.com/kept"}"#);
+    for _ in 0..5 {
+        click(
+            &server,
+            &code,
+            &[("User-Agent", FIREFOX), ("Referer", "https://t.co/x")],
+        );
+    }
+    stats_when(&server, &key, &code, |a| a["human_clicks"] == 5);
+    // The event log is flushed every 50 ms; give it a few flushes before the kill.
+    std::thread::sleep(Duration::from_millis(300));
+    server.kill9();
+
+    let server = Server::start(dir.path(), &FLUSH);
+    let answer = stats(&server, &key, &code, "");
+    assert_eq!(answer["human_clicks"], 5, "after kill -9: {answer}");
+    assert_eq!(
+        ranked(&answer, "referrers", "domain"),
+        vec![("t.co".to_owned(), 5)]
+    );
+    for _ in 0..3 {
+        click(&server, &code, &[("User-Agent", SLACKBOT)]);
+    }
+    stats_when(&server, &key, &code, |a| a["bot_clicks"] == 3);
+    assert!(server.terminate().success());
+
+    let server = Server::start(dir.path(), &FLUSH);
+    let answer = stats(&server, &key, &code, "");
+    assert_eq!(
+        (answer["human_clicks"].clone(), answer["bot_clicks"].clone()),
+        (5.into(), 3.into())
+    );
+}
+
+#[test]
+fn countries_come_from_a_geoip_database() {
+    let dir = data_dir();
+    let database = dir.path().join("countries.mmdb");
+    write_test_mmdb(
+        &database,
+        &[([8, 8, 8, 0], 24, "US"), ([193, 99, 144, 0], 24, "DE")],
+        true,
+    );
+    let key = add_key(dir.path(), "alice", "write");
+    let server = Server::start(
+        dir.path(),
+        &[
+            FLUSH[0],
+            FLUSH[1],
+            "--trusted-proxies",
+            "127.0.0.1",
+            "--geoip-db",
+            database.to_str().expect("path"),
+        ],
+    );
+    let code = server.create(&key, r#"{"long_url":"https://example.com/geo"}"#);
+    click(&server, &code, &[("X-Forwarded-For", "8.8.8.8")]);
+    click(
+        &server,
+        &code,
+        &[("X-Forwarded-For", "10.0.0.1, 193.99.144.80")],
+    );
+    click(&server, &code, &[]);
+    let answer = stats_when(&server, &key, &code, |a| a["human_clicks"] == 3);
+    let mut countries = ranked(&answer, "countries", "country");
+    countries.sort();
+    assert_eq!(
+        countries,
+        vec![
+            ("DE".to_owned(), 1),
+            ("US".to_owned(), 1),
+            ("unknown".to_owned(), 1)
+        ]
+    );
+}
+
+#[test]
+fn both_database_layouts_are_read() {
+    let dir = data_dir();
+    for maxmind_style in [true, false] {
+        let path = dir.path().join(format!("db-{maxmind_style}.mmdb"));
+        write_test_mmdb(
+            &path,
+            &[([8, 8, 8, 0], 24, "US"), ([193, 99, 144, 0], 24, "de")],
+            maxmind_style,
+        );
+        let resolver = CountryResolver::open(&path).expect("open test database");
+        let ip = |text: &str| text.parse::<IpAddr>().ok();
+        assert_eq!(resolver.country(ip("8.8.8.8"), None), "US");
+        assert_eq!(resolver.country(ip("193.99.144.80"), Some("FR")), "DE");
+        assert_eq!(resolver.country(ip("127.0.0.1"), Some("fr")), "FR");
+        assert_eq!(resolver.country(ip("127.0.0.1"), None), "unknown");
+    }
+}
+
+#[test]
+fn a_missing_geoip_database_stops_start_up_with_its_name() {
+    let dir = data_dir();
+    let output = common::kurz()
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--geoip-db",
+            "/nonexistent/countries.mmdb",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .expect("run kurz");
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("/nonexistent/countries.mmdb"));
+}
+
+#[test]
+fn qr_codes_in_svg_and_png() {
+    let dir = data_dir();
+    let key = add_key(dir.path(), "alice", "write");
+    let server = Server::start(dir.path(), &[]);
+    let code = server.create(&key, r#"{"long_url":"https://example.com/qr"}"#);
+    let svg = server.with_key("GET", &format!("/api/v1/urls/{code}/qr"), &key, "");
+    assert_eq!(svg.status, 200);
+    assert_eq!(svg.header("content-type"), Some("image/svg+xml"));
+    assert!(svg.text().contains("<svg"));
+    let png = server.with_key(
+        "GET",
+        &format!("/api/v1/urls/{code}/qr?format=png"),
+        &key,
+        "",
+    );
+    assert_eq!(png.status, 200);
+    assert_eq!(png.header("content-type"), Some("image/png"));
+    assert!(png.body.starts_with(b"\x89PNG\r\n\x1a\n"));
+    let bad = server.with_key(
+        "GET",
+        &format!("/api/v1/urls/{code}/qr?format=gif"),
+        &key,
+        "",
+    );
+    assert_eq!(bad.status, 400);
+    let unknown = server.with_key("GET", "/api/v1/urls/nosuchcode/qr", &key, "");
+    assert_eq!(unknown.status, 404);
+    let anonymous = request(
+        server.public,
+        "GET",
+        &format!("/api/v1/urls/{code}/qr"),
+        &[],
+        b"",
+    );
+    assert_eq!(anonymous.status, 401);
+}
