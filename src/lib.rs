@@ -2,13 +2,23 @@
 //!
 //! The crate map, one line per module (see README.md, "Architecture", for how they fit):
 
+/// Click counts and caps, and the analytics pipeline (referrers, countries, user agents, bots).
 pub mod analytics;
+/// API keys: the hashed keys file and `kurz keys`.
 pub mod auth;
+/// Cluster mode: many nodes following one NATS JetStream stream (library; not yet in `serve`).
 pub mod cluster;
+/// `kurz serve` settings: flags, `KURZ_*` environment and TOML file into one `ServeConfig`.
 pub mod config;
+/// Import and export of link files (TSV, CSV, NDJSON).
 pub mod datafile;
+/// Durable file replacement: temp file, fsync, rename, fsync dir.
 pub mod fsutil;
+/// The HTTP server: listeners, the redirect hot path, the JSON API, the admin listener.
 pub mod http;
+/// The rules of a link: validation, code generation, lifecycle.
 pub mod links;
+/// The Prometheus registry.
 pub mod metrics;
+/// Link data: mapped snapshot, overlay, WAL, recovery, snapshot cycle.
 pub mod store;
