@@ -178,6 +178,10 @@ pub struct ServeArgs {
     /// seconds [default: 3600].
     #[arg(long, env = "KURZ_SNAPSHOT_AGE_MAX_S")]
     pub snapshot_age_max_s: Option<u64>,
+    /// Turn the click analytics pipeline off (exact counts and caps stay on): no referrers,
+    /// countries, user agents or time series, and no per-click hand-off on the redirect path.
+    #[arg(long, env = "KURZ_NO_CLICK_ANALYTICS")]
+    pub no_click_analytics: bool,
     /// Serve the public listener with hyper alone, without the lean HTTP/1.1 path that answers
     /// plain GET/HEAD /{code} requests itself (for comparison and debugging).
     #[arg(long, env = "KURZ_HYPER_ONLY")]
@@ -228,6 +232,7 @@ impl ServeArgs {
             country_header: self.country_header.or(file.country_header),
             snapshot_every_records: self.snapshot_every_records.or(file.snapshot_every_records),
             snapshot_age_max_s: self.snapshot_age_max_s.or(file.snapshot_age_max_s),
+            no_click_analytics: self.no_click_analytics || file.no_click_analytics,
             hyper_only: self.hyper_only || file.hyper_only,
         }
     }
@@ -270,6 +275,7 @@ pub struct ServeConfig {
     /// Lower-case header name.
     pub country_header: Option<String>,
     pub snapshot_policy: crate::store::snapshotter::SnapshotPolicy,
+    pub click_analytics: bool,
     pub hyper_only: bool,
 }
 
@@ -513,6 +519,7 @@ impl ServeConfig {
                 wal_records_max: snapshot_every_records,
                 age_max: std::time::Duration::from_secs(snapshot_age_max_s),
             },
+            click_analytics: !args.no_click_analytics,
             hyper_only: args.hyper_only,
         })
     }

@@ -337,3 +337,17 @@ fn qr_codes_in_svg_and_png() {
     );
     assert_eq!(anonymous.status, 401);
 }
+
+#[test]
+fn with_analytics_off_counts_stay_exact_and_breakdowns_empty() {
+    let dir = data_dir();
+    let key = add_key(dir.path(), "alice", "write");
+    let server = Server::start(dir.path(), &["--no-click-analytics"]);
+    let code = server.create(&key, r#"{"long_url":"https://example.com/off"}"#);
+    click(&server, &code, &[("User-Agent", FIREFOX)]);
+    let answer = stats(&server, &key, &code, "");
+    assert_eq!(answer["clicks"], 1);
+    assert_eq!(answer["click_analytics"], false);
+    assert_eq!(answer["human_clicks"], 0);
+    assert!(!dir.path().join("analytics").exists());
+}

@@ -816,9 +816,13 @@ fn stats<B>(app: &App, request: &Request<B>, code: &str) -> Result<Response, Api
     let link = existing(app, code)?;
     let now_s = super::now_s();
     let query = stats_query(request.uri().query(), now_s)?;
-    let analytics = app.analytics().ok_or_else(not_ready)?;
+    // With --no-click-analytics there are only the exact counts; the breakdowns stay empty.
+    let analytics = match app.analytics() {
+        None if app.config.click_analytics => return Err(not_ready()),
+        analytics => analytics,
+    };
     let answer = analytics
-        .stats(&link.code, query, now_s)
+        .and_then(|analytics| analytics.stats(&link.code, query, now_s))
         .unwrap_or_else(|| LinkAggregates::default().stats(query, now_s))
         .map_err(|error| bad_query(error.to_string()))?;
     let clicks = app.clicks.stats(&link.code);
@@ -848,7 +852,8 @@ fn stats<B>(app: &App, request: &Request<B>, code: &str) -> Result<Response, Api
             "browsers": ranked(&answer.browsers, "browser"),
             "os": ranked(&answer.os, "os"),
             "bots": ranked(&answer.bots, "bot"),
-            "events_queued": analytics.counters(now_s).queued,
+            "click_analytics": analytics.is_some(),
+            "events_queued": analytics.map_or(0, |analytics| analytics.counters(now_s).queued),
         }),
     ))
 }

@@ -273,6 +273,19 @@ fn open_store(app: &App) -> Result<(), ServeError> {
     if store_is_empty(&store) && sample.exists() {
         import_sample(&store, &sample, config);
     }
+    if config.click_analytics {
+        start_analytics(app)?;
+    }
+    if !app.set_store(store) {
+        tracing::error!("the store was opened twice; keeping the first");
+    }
+    tracing::info!("ready");
+    Ok(())
+}
+
+/// Starts the click analytics pipeline (recovering its checkpoint and logs) and hands it to the app.
+fn start_analytics(app: &App) -> Result<(), ServeError> {
+    let config = &app.config;
     let countries = match &config.geoip_db {
         Some(path) => CountryResolver::open(path)?,
         None => CountryResolver::without_database(),
@@ -285,10 +298,6 @@ fn open_store(app: &App) -> Result<(), ServeError> {
     if !app.set_analytics(analytics) {
         tracing::error!("click analytics were started twice; keeping the first");
     }
-    if !app.set_store(store) {
-        tracing::error!("the store was opened twice; keeping the first");
-    }
-    tracing::info!("ready");
     Ok(())
 }
 
