@@ -22,3 +22,5 @@ pub mod links;
 pub mod metrics;
 /// Link data: mapped snapshot, overlay, WAL, recovery, snapshot cycle.
 pub mod store;
+/// Unix seconds inside, RFC 3339 text at the edges.
+pub mod timefmt;

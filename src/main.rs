@@ -329,7 +329,7 @@ fn inspect(data_dir: &Path) -> anyhow::Result<ExitCode> {
         snapshot_bytes,
         header.link_count,
         header.covered_seq,
-        datafile::rfc3339((header.written_at_ms / 1000) as i64)
+        kurz::timefmt::rfc3339((header.written_at_ms / 1000) as i64)
     )?;
     writeln!(
         out,

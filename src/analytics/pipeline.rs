@@ -406,7 +406,7 @@ impl Aggregator {
         };
         let bytes = {
             let mut aggregates = self.shared.aggregates();
-            aggregates.prune(crate::datafile::now_s());
+            aggregates.prune(crate::timefmt::now_s());
             serde_json::to_vec(&CheckpointRef {
                 covered_generation: covered,
                 aggregates: &aggregates,

@@ -13,13 +13,12 @@ use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
-use time::format_description::well_known::Rfc3339;
-use time::OffsetDateTime;
 
 use crate::links::{codegen, validate};
 use crate::store::link::{Link, LinkMeta, LinkStatus, LinkView, RedirectStatus};
 use crate::store::snapshot::{AddError, SnapshotBuilder};
 use crate::store::{SnapshotReport, Store, StoreError};
+use crate::timefmt::{now_s, parse_rfc3339, rfc3339};
 pub use rows::Format;
 use rows::Row;
 
@@ -86,26 +85,6 @@ pub struct ImportReport {
     pub rejections: Vec<Rejection>,
     pub snapshot: SnapshotReport,
     pub duration_ms: u64,
-}
-
-/// Unix seconds now.
-pub fn now_s() -> i64 {
-    OffsetDateTime::now_utc().unix_timestamp()
-}
-
-/// RFC 3339 (UTC) text of unix seconds.
-pub fn rfc3339(unix_s: i64) -> String {
-    OffsetDateTime::from_unix_timestamp(unix_s)
-        .ok()
-        .and_then(|time| time.format(&Rfc3339).ok())
-        .unwrap_or_else(|| unix_s.to_string())
-}
-
-/// Unix seconds of an RFC 3339 timestamp.
-pub fn parse_rfc3339(text: &str) -> Result<i64, String> {
-    OffsetDateTime::parse(text, &Rfc3339)
-        .map(|time| time.unix_timestamp())
-        .map_err(|error| format!("{text:?} is not an RFC 3339 timestamp: {error}"))
 }
 
 fn row_to_link(

@@ -10,14 +10,12 @@ pub mod redirect;
 pub mod server;
 
 use std::sync::OnceLock;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::StatusCode;
-use time::format_description::well_known::Rfc3339;
-use time::OffsetDateTime;
 
 use crate::analytics::pipeline::{ClickEvent, ClickPipeline, HEADER_BYTES_MAX};
 use crate::analytics::ClickCounters;
@@ -169,26 +167,11 @@ pub fn client_ip(
         .unwrap_or(peer)
 }
 
-/// Unix seconds now.
-pub fn now_s() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |since| since.as_secs() as i64)
-}
+pub use crate::timefmt::{now_s, rfc3339};
 
-/// RFC 3339 (UTC) text of unix seconds.
-pub fn rfc3339(unix_s: i64) -> String {
-    OffsetDateTime::from_unix_timestamp(unix_s)
-        .ok()
-        .and_then(|time| time.format(&Rfc3339).ok())
-        .unwrap_or_else(|| unix_s.to_string())
-}
-
-/// Unix seconds of an RFC 3339 timestamp.
+/// Unix seconds of an RFC 3339 timestamp, if it is one.
 pub fn parse_rfc3339(text: &str) -> Option<i64> {
-    OffsetDateTime::parse(text, &Rfc3339)
-        .ok()
-        .map(|time| time.unix_timestamp())
+    crate::timefmt::parse_rfc3339(text).ok()
 }
 
 /// Whether the client says it accepts JSON.
