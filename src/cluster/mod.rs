@@ -261,7 +261,10 @@ struct Shared {
     /// Why the follower stopped for good, if it did.
     failed: Mutex<Option<String>>,
     /// Raised by a write whose acknowledged record is slow to arrive: the follower then
-    /// re-subscribes, because that record certainly exists.
+    /// re-subscribes, because that record certainly exists. Only a follower waiting on a
+    /// consumer older than one stall-check period acts on it; raised while the follower is
+    /// subscribing, it is dropped (`notify_waiters` stores no permit), so a late nudge never
+    /// throws away the fresh consumer that would deliver the record.
     resubscribe: tokio::sync::Notify,
 }
 
@@ -690,7 +693,7 @@ impl ClusterNode {
             match tokio::time::timeout(period, applied.wait_for(|applied| *applied >= seq)).await {
                 Ok(Ok(_)) => return Ok(()),
                 Ok(Err(_)) => break,
-                Err(_) => self.shared.resubscribe.notify_one(),
+                Err(_) => self.shared.resubscribe.notify_waiters(),
             }
         }
         Err(ClusterError::ApplyTimeout {
@@ -956,6 +959,7 @@ async fn follow_from(
         .await
         .map_err(nats("read the link stream"))?;
     shared.following.store(true, Ordering::Relaxed);
+    let subscribed_at = Instant::now();
     let mut stall_check = tokio::time::interval(Duration::from_millis(FOLLOW_STALL_CHECK_MS));
     stall_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut quiet_checks = 0u32;
@@ -964,6 +968,10 @@ async fn follow_from(
             message = messages.next() => message,
             _ = follow.connections.changed() => return Ok(()),
             _ = shared.resubscribe.notified() => {
+                // A consumer made since the record was written gets a full period to deliver it.
+                if subscribed_at.elapsed() < Duration::from_millis(FOLLOW_STALL_CHECK_MS) {
+                    continue;
+                }
                 return Err(ClusterError::Nats {
                     action: "follow the link stream",
                     source: "a record this node wrote has not arrived".into(),
