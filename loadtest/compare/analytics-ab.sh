@@ -4,13 +4,18 @@
 # connections, 8 s, three rounds alternating on/off. Prints req/s, requests per server
 # CPU-second (utime+stime from /proc over the run) and p99 per run.
 #
-# usage: loadtest/compare/analytics-ab.sh LINKS.tsv   (e.g. from data/gen-links.py 1000000)
-# needs target/release/kurz and target/release/loadtest (cargo build --release --workspace).
+# usage: loadtest/compare/analytics-ab.sh LINKS.tsv [LOADTEST ARGS...]
+#   LINKS.tsv e.g. from data/gen-links.py 1000000; extra arguments go to the loadtest, e.g.
+#   `--zipf 1.0` for a skewed, realistic mix instead of every code equally likely.
+# needs kurz and loadtest in $CARGO_TARGET_DIR/release (default target/release; build with
+# cargo build --release --workspace).
 set -u
-LINKS=${1:?usage: analytics-ab.sh LINKS.tsv}
+LINKS=${1:?usage: analytics-ab.sh LINKS.tsv [LOADTEST ARGS...]}
+shift
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-KURZ=$ROOT/target/release/kurz
-LT=$ROOT/target/release/loadtest
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+KURZ=$TARGET/release/kurz
+LT=$TARGET/release/loadtest
 cut -f1 "$LINKS" > /tmp/codes-1m.txt
 rm -rf /tmp/ab-data && $KURZ import --data-dir /tmp/ab-data "$LINKS" > /dev/null 2>&1
 for round in 1 2 3; do
@@ -21,7 +26,7 @@ for round in 1 2 3; do
     pid=$!
     for i in $(seq 100); do curl -sf localhost:18081/readyz >/dev/null && break; sleep 0.1; done
     read -r u0 s0 < <(awk '{print $14, $15}' /proc/$pid/stat)
-    out=$(taskset -c 1 $LT --url http://127.0.0.1:18080 --codes /tmp/codes-1m.txt --connections 64 --duration 8s --json --quiet 2>/dev/null)
+    out=$(taskset -c 1 $LT --url http://127.0.0.1:18080 --codes /tmp/codes-1m.txt --connections 64 --duration 8s --json --quiet "$@" 2>/dev/null)
     read -r u1 s1 < <(awk '{print $14, $15}' /proc/$pid/stat)
     kill -TERM $pid; wait $pid 2>/dev/null
     python3 - "$mode" "$round" "$out" $u0 $s0 $u1 $s1 <<'PY'

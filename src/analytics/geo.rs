@@ -38,6 +38,11 @@ impl CountryResolver {
         })
     }
 
+    /// Whether addresses are looked up in a database (else only the header says).
+    pub fn has_database(&self) -> bool {
+        self.database.is_some()
+    }
+
     /// The country of `client` (from the database) or, failing that, of the trusted header's
     /// value; "unknown" when neither says.
     pub fn country(&self, client: Option<IpAddr>, header: Option<&str>) -> String {

@@ -4,12 +4,13 @@
 //! (referrer domain, country, user agent, bot), folds it into the aggregates and appends it to
 //! an event log.
 //!
-//! Persistence: the event log (`<dir>/clicks-<generation>.log`, NDJSON) is fsynced every flush
-//! interval (default 1 s), so a `kill -9` loses at most that much; a checkpoint of all aggregates
-//! (`<dir>/aggregates.json`, temp file + fsync + rename) is written every checkpoint interval
-//! and at shutdown, after which the logs it covers are deleted. Start-up loads the checkpoint
-//! and replays the newer logs.
+//! Persistence: the event log (`<dir>/clicks-<generation>.log`, one tab-separated line per
+//! click) is fsynced every flush interval (default 1 s), so a `kill -9` loses at most that much;
+//! a checkpoint of all aggregates (`<dir>/aggregates.json`, temp file + fsync + rename) is
+//! written every checkpoint interval and at shutdown, after which the logs it covers are
+//! deleted. Start-up loads the checkpoint and replays the newer logs.
 
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
 use std::net::IpAddr;
@@ -19,17 +20,21 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use serde::{Deserialize, Serialize};
 
-use super::aggregate::{Aggregates, ClassifiedClick, LinkStats, StatsQuery, StatsQueryError};
+use super::aggregate::{Aggregates, ClassifiedClick, LinkStats, StatsQuery, StatsQueryError, OTHER};
 use super::geo::CountryResolver;
-use super::{agent, referrer};
+use super::{agent, geo, referrer};
 use crate::fsutil;
 
 const CHECKPOINT_FILE: &str = "aggregates.json";
-/// Most events the aggregator takes off the queue before it looks at its timers again.
+/// Most events the aggregator applies under one lock of the aggregates.
 const BATCH_EVENTS_MAX: usize = 4096;
+/// How often the aggregator looks at the queue. It polls rather than waits: a waiting
+/// receiver makes every click on the redirect path pay for a thread wake-up (a futex call and a
+/// context switch), polling costs the aggregator one wake-up per interval.
+const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
 /// Longest referrer or user agent kept from a request, in bytes (longer ones are cut).
 pub const HEADER_BYTES_MAX: usize = 512;
 
@@ -102,14 +107,12 @@ impl Shared {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn apply(&self, click: &ClassifiedClick) {
-        self.aggregates().apply(click);
-        self.events_total.fetch_add(1, Ordering::Relaxed);
-        if click.bot {
-            self.bot_events_total.fetch_add(1, Ordering::Relaxed);
-        }
+    fn counted(&self, events: u64, bot_events: u64, newest_at_s: i64) {
+        self.events_total.fetch_add(events, Ordering::Relaxed);
+        self.bot_events_total
+            .fetch_add(bot_events, Ordering::Relaxed);
         self.last_applied_at_s
-            .fetch_max(click.at_s, Ordering::Relaxed);
+            .fetch_max(newest_at_s, Ordering::Relaxed);
     }
 }
 
@@ -126,6 +129,58 @@ struct Checkpoint {
 struct CheckpointRef<'a> {
     covered_generation: u64,
     aggregates: &'a Aggregates,
+}
+
+/// Appends `click` to the log as one line of tab-separated fields: code, unix seconds,
+/// referrer, country, browser, os, bot (`0`/`1`). Names never hold a tab or a line break (codes,
+/// hosts, ISO codes and agent families cannot); one that did would be written as "other".
+fn write_log_line(line: &mut Vec<u8>, aggregates: &Aggregates, click: &ClassifiedClick<'_>) {
+    line.extend_from_slice(click.code.as_bytes());
+    line.push(b'\t');
+    // Writing into a Vec cannot fail.
+    let _ = write!(line, "{}", click.at_s);
+    for id in [click.referrer, click.country, click.browser, click.os] {
+        line.push(b'\t');
+        let name = aggregates.name(id);
+        if name.bytes().any(|byte| matches!(byte, b'\t' | b'\n' | b'\r')) {
+            line.extend_from_slice(OTHER.as_bytes());
+        } else {
+            line.extend_from_slice(name.as_bytes());
+        }
+    }
+    line.extend_from_slice(if click.bot { b"\t1\n" } else { b"\t0\n" });
+}
+
+/// Applies one log line; false when it is not a whole line (a write cut short by a crash).
+fn apply_log_line(aggregates: &mut Aggregates, line: &[u8]) -> bool {
+    let Ok(line) = std::str::from_utf8(line) else {
+        return false;
+    };
+    let fields: Vec<&str> = line.split('\t').collect();
+    let [code, at_s, referrer, country, browser, os, bot] = fields[..] else {
+        return false;
+    };
+    let (Ok(at_s), Some(bot)) = (at_s.parse::<i64>(), match bot {
+        "0" => Some(false),
+        "1" => Some(true),
+        _ => None,
+    }) else {
+        return false;
+    };
+    if code.is_empty() {
+        return false;
+    }
+    let click = ClassifiedClick {
+        code,
+        at_s,
+        referrer: aggregates.intern(referrer),
+        country: aggregates.intern(country),
+        browser: aggregates.intern(browser),
+        os: aggregates.intern(os),
+        bot,
+    };
+    aggregates.apply(&click);
+    true
 }
 
 /// Handle to the pipeline. Dropping it drains the queue, flushes and checkpoints.
@@ -182,17 +237,17 @@ fn recover(dir: &Path, shared: &Shared) -> Result<(u64, Vec<u64>), AnalyticsErro
         Err(error) => return Err(io_error(&checkpoint_path)(error)),
     };
     let generations = log_generations(dir)?;
+    let mut aggregates = shared.aggregates();
     for generation in generations.iter().filter(|g| **g > covered) {
         let path = log_path(dir, *generation);
         let file = File::open(&path).map_err(io_error(&path))?;
         for line in BufReader::new(file).split(b'\n') {
             let line = line.map_err(io_error(&path))?;
-            match serde_json::from_slice::<ClassifiedClick>(&line) {
-                Ok(click) => shared.apply(&click),
-                Err(_) => tracing::warn!(
+            if !apply_log_line(&mut aggregates, &line) {
+                tracing::warn!(
                     "{}: skipped an unreadable click record (a write cut short by a crash)",
                     path.display()
-                ),
+                );
             }
         }
     }
@@ -213,6 +268,7 @@ impl ClickPipeline {
             options,
             log,
             pending: Vec::new(),
+            classifier: Classifier::default(),
         };
         let thread = std::thread::Builder::new()
             .name("kurz-clicks".into())
@@ -240,8 +296,7 @@ impl ClickPipeline {
         query: StatsQuery,
         now_s: i64,
     ) -> Option<Result<LinkStats, StatsQueryError>> {
-        let aggregates = self.shared.aggregates();
-        aggregates.get(code).map(|link| link.stats(query, now_s))
+        self.shared.aggregates().stats(code, query, now_s)
     }
 
     pub fn counters(&self, now_s: i64) -> PipelineCounters {
@@ -313,6 +368,7 @@ struct Aggregator {
     log: EventLog,
     /// Log lines applied but not yet written.
     pending: Vec<u8>,
+    classifier: Classifier,
 }
 
 fn cut(value: Option<&str>) -> Option<&str> {
@@ -322,22 +378,97 @@ fn cut(value: Option<&str>) -> Option<&str> {
     })
 }
 
+/// Entries each classification cache holds before it starts over.
+const CACHE_ENTRIES_MAX: usize = 4096;
+
+/// What a user agent was classified as, its names interned.
+#[derive(Clone, Copy)]
+struct AgentIds {
+    browser: u32,
+    os: u32,
+    bot: bool,
+}
+
+/// Classifies clicks into interned ids, remembering recent user agents and referrers: real
+/// traffic repeats a few thousand of each, and parsing one costs microseconds.
+#[derive(Default)]
+struct Classifier {
+    agents: HashMap<Box<str>, AgentIds, ahash::RandomState>,
+    referrers: HashMap<Box<str>, u32, ahash::RandomState>,
+    /// Ids of names every click without a header needs.
+    no_agent: Option<AgentIds>,
+    direct: Option<u32>,
+    unknown_country: Option<u32>,
+}
+
+/// The cached value of `key`, or `make`'s, remembered (a full cache starts over).
+fn cached<V: Copy>(
+    cache: &mut HashMap<Box<str>, V, ahash::RandomState>,
+    key: &str,
+    make: impl FnOnce() -> V,
+) -> V {
+    if let Some(value) = cache.get(key) {
+        return *value;
+    }
+    let value = make();
+    if cache.len() >= CACHE_ENTRIES_MAX {
+        cache.clear();
+    }
+    cache.insert(key.into(), value);
+    value
+}
+
+impl Classifier {
+    fn agent(&mut self, aggregates: &mut Aggregates, user_agent: Option<&str>) -> AgentIds {
+        let intern = |aggregates: &mut Aggregates, agent: &str| {
+            let class = agent::classify(agent);
+            AgentIds {
+                browser: aggregates.intern(&class.browser),
+                os: aggregates.intern(&class.os),
+                bot: class.bot,
+            }
+        };
+        match cut(user_agent) {
+            None => *self
+                .no_agent
+                .get_or_insert_with(|| intern(aggregates, "")),
+            Some(agent) => cached(&mut self.agents, agent, || intern(aggregates, agent)),
+        }
+    }
+
+    fn referrer(&mut self, aggregates: &mut Aggregates, referer: Option<&str>) -> u32 {
+        match cut(referer) {
+            None => *self
+                .direct
+                .get_or_insert_with(|| aggregates.intern(&referrer::domain(None))),
+            Some(referer) => cached(&mut self.referrers, referer, || {
+                aggregates.intern(&referrer::domain(Some(referer)))
+            }),
+        }
+    }
+
+    fn country(
+        &mut self,
+        aggregates: &mut Aggregates,
+        countries: &CountryResolver,
+        event: &ClickEvent,
+    ) -> u32 {
+        if event.country_header.is_none() && !countries.has_database() {
+            return *self
+                .unknown_country
+                .get_or_insert_with(|| aggregates.intern(geo::UNKNOWN));
+        }
+        aggregates.intern(&countries.country(event.client_ip, event.country_header.as_deref()))
+    }
+}
+
 impl Aggregator {
     fn run(&mut self, receiver: Receiver<ClickEvent>) {
         let mut next_flush = Instant::now() + self.options.flush_interval;
         let mut next_checkpoint = Instant::now() + self.options.checkpoint_interval;
+        let mut batch = Vec::with_capacity(BATCH_EVENTS_MAX);
         loop {
-            let wait = next_flush.saturating_duration_since(Instant::now());
-            match receiver.recv_timeout(wait) {
-                Ok(event) => {
-                    self.take(event);
-                    for event in receiver.try_iter().take(BATCH_EVENTS_MAX) {
-                        self.take(event);
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => break,
-            }
+            let open = self.drain(&receiver, &mut batch);
             let now = Instant::now();
             if now >= next_flush {
                 self.flush();
@@ -347,33 +478,69 @@ impl Aggregator {
                 self.checkpoint();
                 next_checkpoint = now + self.options.checkpoint_interval;
             }
+            if !open {
+                break;
+            }
+            std::thread::sleep(DRAIN_INTERVAL.min(self.options.flush_interval));
         }
         self.checkpoint();
     }
 
-    fn classify(&self, event: &ClickEvent) -> ClassifiedClick {
-        let agent = agent::classify(cut(event.user_agent.as_deref()).unwrap_or(""));
-        ClassifiedClick {
-            code: event.code.to_string(),
-            at_s: event.at_s,
-            referrer: referrer::domain(cut(event.referer.as_deref())),
-            country: self
-                .options
-                .countries
-                .country(event.client_ip, event.country_header.as_deref()),
-            browser: agent.browser,
-            os: agent.os,
-            bot: agent.bot,
+    /// Applies every queued event, a batch at a time; false once the queue is closed and empty.
+    fn drain(&mut self, receiver: &Receiver<ClickEvent>, batch: &mut Vec<ClickEvent>) -> bool {
+        loop {
+            batch.clear();
+            let mut open = true;
+            while batch.len() < BATCH_EVENTS_MAX {
+                match receiver.try_recv() {
+                    Ok(event) => batch.push(event),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        open = false;
+                        break;
+                    }
+                }
+            }
+            if !batch.is_empty() {
+                self.take(batch);
+            }
+            if !open || batch.len() < BATCH_EVENTS_MAX {
+                return open;
+            }
         }
     }
 
-    fn take(&mut self, event: ClickEvent) {
-        let click = self.classify(&event);
-        self.shared.apply(&click);
-        // Serialising a plain struct of strings and numbers cannot fail.
-        if serde_json::to_writer(&mut self.pending, &click).is_ok() {
-            self.pending.push(b'\n');
+    /// Classifies and applies `events` under one lock of the aggregates, and queues their log
+    /// lines.
+    fn take(&mut self, events: &[ClickEvent]) {
+        let mut bot_events = 0;
+        let mut newest_at_s = 0;
+        let mut aggregates = self.shared.aggregates();
+        for event in events {
+            let agent = self
+                .classifier
+                .agent(&mut aggregates, event.user_agent.as_deref());
+            let click = ClassifiedClick {
+                code: &event.code,
+                at_s: event.at_s,
+                referrer: self
+                    .classifier
+                    .referrer(&mut aggregates, event.referer.as_deref()),
+                country: self
+                    .classifier
+                    .country(&mut aggregates, &self.options.countries, event),
+                browser: agent.browser,
+                os: agent.os,
+                bot: agent.bot,
+            };
+            aggregates.apply(&click);
+            write_log_line(&mut self.pending, &aggregates, &click);
+            bot_events += u64::from(click.bot);
+            newest_at_s = newest_at_s.max(click.at_s);
         }
+        drop(aggregates);
+        self.shared
+            .counted(events.len() as u64, bot_events, newest_at_s);
     }
 
     fn flush(&mut self) {
@@ -516,7 +683,7 @@ mod tests {
             .append(true)
             .open(&log)
             .expect("open log");
-        file.write_all(b"{\"c\":\"b\",\"t\":").expect("tear");
+        file.write_all(b"b\t18000").expect("tear");
 
         let recovered = ClickPipeline::start(options(dir.path())).expect("recover");
         let stats = recovered
@@ -542,6 +709,38 @@ mod tests {
         let events = shared.events_total.load(Ordering::Relaxed);
         let dropped = shared.dropped_total.load(Ordering::Relaxed);
         assert_eq!(events + dropped, 5000);
+    }
+
+    #[test]
+    fn classification_is_the_same_from_the_cache_and_after_it_starts_over() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pipeline = ClickPipeline::start(options(dir.path())).expect("start");
+        let links = CACHE_ENTRIES_MAX + 10;
+        let referer = |i: usize| format!("https://r{i}.example/page");
+        let agent = |i: usize| format!("{FIREFOX} Build/{i}");
+        for i in (0..links).chain([0, links - 1]) {
+            pipeline.record(event(&format!("l{i}"), T, &agent(i), Some(&referer(i))));
+        }
+        pipeline.record(event("bot", T, "Twitterbot/1.0", None));
+        pipeline.record(event("bot", T, "Twitterbot/1.0", None));
+        let shared = pipeline.shared.clone();
+        pipeline.shutdown();
+        let aggregates = shared.aggregates();
+        for i in [0, links - 1] {
+            let stats = aggregates
+                .stats(&format!("l{i}"), day_query(), T)
+                .expect("clicked")
+                .expect("stats");
+            assert_eq!(stats.referrers, vec![(format!("r{i}.example"), 2)]);
+            assert_eq!(stats.browsers, vec![("Firefox".to_owned(), 2)]);
+            assert_eq!(stats.os, vec![("Linux".to_owned(), 2)]);
+        }
+        let bot = aggregates
+            .stats("bot", day_query(), T)
+            .expect("clicked")
+            .expect("stats");
+        assert_eq!((bot.human_total, bot.bot_total), (0, 2));
+        assert_eq!(bot.bots, vec![("Twitterbot".to_owned(), 2)]);
     }
 
     #[test]

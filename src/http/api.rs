@@ -17,7 +17,7 @@ use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};
 
 use super::{json as json_response, now_s, parse_rfc3339, rfc3339, App, Response};
-use crate::analytics::aggregate::{Granularity, LinkAggregates, StatsQuery};
+use crate::analytics::aggregate::{Granularity, LinkStats, StatsQuery};
 use crate::auth::{KeyRefusal, Principal, Scope};
 use crate::links::codegen::{self, random_code, CodeStrategy};
 use crate::links::lifecycle::{self, Gone};
@@ -823,7 +823,7 @@ fn stats<B>(app: &App, request: &Request<B>, code: &str) -> Result<Response, Api
     };
     let answer = analytics
         .and_then(|analytics| analytics.stats(&link.code, query, now_s))
-        .unwrap_or_else(|| LinkAggregates::default().stats(query, now_s))
+        .unwrap_or_else(|| LinkStats::no_clicks(query, now_s))
         .map_err(|error| bad_query(error.to_string()))?;
     let clicks = app.clicks.stats(&link.code);
     let step_s = query.granularity.seconds();
