@@ -286,7 +286,8 @@ impl LinkAggregates {
 
     /// Checks what a checkpoint said: known names, sorted unique tallies.
     fn validate(&mut self, values: &Values) -> Result<(), String> {
-        self.tallies.sort_unstable_by_key(|tally| (tally.kind, tally.key));
+        self.tallies
+            .sort_unstable_by_key(|tally| (tally.kind, tally.key));
         for pair in self.tallies.windows(2) {
             if (pair[0].kind, pair[0].key) == (pair[1].kind, pair[1].key) {
                 return Err("a tally is listed twice".into());
@@ -602,7 +603,11 @@ mod tests {
         assert_eq!(referrers.len(), DISTINCT_VALUES_MAX + 1);
         assert_eq!(link.count(Kind::Referrer, OTHER_ID), 5);
         let r3 = aggregates.values.ids["r3.example"];
-        assert_eq!(link.count(Kind::Referrer, r3), 2, "a known name still counts");
+        assert_eq!(
+            link.count(Kind::Referrer, r3),
+            2,
+            "a known name still counts"
+        );
     }
 
     #[test]
@@ -648,7 +653,12 @@ mod tests {
     #[test]
     fn pruning_drops_only_old_hours() {
         let mut aggregates = Aggregates::default();
-        apply(&mut aggregates, T - (HOURS_KEPT + 1) * HOUR_S, false, "direct");
+        apply(
+            &mut aggregates,
+            T - (HOURS_KEPT + 1) * HOUR_S,
+            false,
+            "direct",
+        );
         apply(&mut aggregates, T, false, "direct");
         aggregates.prune(T);
         let link = aggregates.links.get("abc").expect("clicked");

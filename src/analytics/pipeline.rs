@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use serde::{Deserialize, Serialize};
 
-use super::aggregate::{Aggregates, ClassifiedClick, LinkStats, StatsQuery, StatsQueryError, OTHER};
+use super::aggregate::{
+    Aggregates, ClassifiedClick, LinkStats, StatsQuery, StatsQueryError, OTHER,
+};
 use super::geo::CountryResolver;
 use super::{agent, geo, referrer};
 use crate::fsutil;
@@ -142,7 +144,10 @@ fn write_log_line(line: &mut Vec<u8>, aggregates: &Aggregates, click: &Classifie
     for id in [click.referrer, click.country, click.browser, click.os] {
         line.push(b'\t');
         let name = aggregates.name(id);
-        if name.bytes().any(|byte| matches!(byte, b'\t' | b'\n' | b'\r')) {
+        if name
+            .bytes()
+            .any(|byte| matches!(byte, b'\t' | b'\n' | b'\r'))
+        {
             line.extend_from_slice(OTHER.as_bytes());
         } else {
             line.extend_from_slice(name.as_bytes());
@@ -160,11 +165,14 @@ fn apply_log_line(aggregates: &mut Aggregates, line: &[u8]) -> bool {
     let [code, at_s, referrer, country, browser, os, bot] = fields[..] else {
         return false;
     };
-    let (Ok(at_s), Some(bot)) = (at_s.parse::<i64>(), match bot {
-        "0" => Some(false),
-        "1" => Some(true),
-        _ => None,
-    }) else {
+    let (Ok(at_s), Some(bot)) = (
+        at_s.parse::<i64>(),
+        match bot {
+            "0" => Some(false),
+            "1" => Some(true),
+            _ => None,
+        },
+    ) else {
         return false;
     };
     if code.is_empty() {
@@ -429,9 +437,7 @@ impl Classifier {
             }
         };
         match cut(user_agent) {
-            None => *self
-                .no_agent
-                .get_or_insert_with(|| intern(aggregates, "")),
+            None => *self.no_agent.get_or_insert_with(|| intern(aggregates, "")),
             Some(agent) => cached(&mut self.agents, agent, || intern(aggregates, agent)),
         }
     }
