@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{add_key, data_dir, request, Server};
+use common::{add_key, data_dir, request, KeepAlive, Server};
 use serde_json::Value;
 
 fn server_with_keys() -> (tempfile::TempDir, Server, String, String) {
@@ -566,18 +566,24 @@ fn expiry_answers_410() {
 
 #[test]
 fn click_cap_serves_exactly_n_redirects_under_concurrency() {
+    const CAP: usize = 1000;
+    const CLIENTS: usize = 64;
+    const REQUESTS_PER_CLIENT: usize = 20;
     let (_dir, server, key, _) = server_with_keys();
     let code = server.create(
         &key,
-        r#"{"long_url":"https://example.com/capped","max_clicks":25}"#,
+        &format!(r#"{{"long_url":"https://example.com/capped","max_clicks":{CAP}}}"#),
     );
     let path = format!("/{code}");
+    let start = std::sync::Barrier::new(CLIENTS);
     let statuses: Vec<u16> = std::thread::scope(|scope| {
-        let threads: Vec<_> = (0..8)
+        let threads: Vec<_> = (0..CLIENTS)
             .map(|_| {
                 scope.spawn(|| {
-                    (0..10)
-                        .map(|_| server.get(&path).status)
+                    let mut connection = KeepAlive::connect(server.public);
+                    start.wait();
+                    (0..REQUESTS_PER_CLIENT)
+                        .map(|_| connection.request("GET", &path, &[]).status)
                         .collect::<Vec<u16>>()
                 })
             })
@@ -587,13 +593,16 @@ fn click_cap_serves_exactly_n_redirects_under_concurrency() {
             .flat_map(|thread| thread.join().unwrap_or_default())
             .collect()
     });
-    assert_eq!(statuses.len(), 80);
-    assert_eq!(statuses.iter().filter(|status| **status == 302).count(), 25);
-    assert_eq!(statuses.iter().filter(|status| **status == 410).count(), 55);
+    assert_eq!(statuses.len(), CLIENTS * REQUESTS_PER_CLIENT);
+    assert_eq!(statuses.iter().filter(|status| **status == 302).count(), CAP);
+    assert_eq!(
+        statuses.iter().filter(|status| **status == 410).count(),
+        CLIENTS * REQUESTS_PER_CLIENT - CAP
+    );
     let link = server
         .with_key("GET", &format!("/api/v1/urls/{code}"), &key, "")
         .json();
-    assert_eq!(link["clicks"], 25);
+    assert_eq!(link["clicks"], CAP);
 }
 
 #[test]
