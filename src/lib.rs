@@ -22,5 +22,7 @@ pub mod links;
 pub mod metrics;
 /// Link data: mapped snapshot, overlay, WAL, recovery, snapshot cycle.
 pub mod store;
+/// Background threads at a lower priority than the redirect workers.
+pub mod threads;
 /// Unix seconds inside, RFC 3339 text at the edges.
 pub mod timefmt;

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Side-by-side comparison of redirect servers on this machine: nginx (map), HAProxy (map) and,
-# when target/release/kurz can import and serve, kurz, all with the same links, each pinned to
-# CPU 0 while the load generator (this repo's `loadtest` binary) runs on CPU 1.
+# when $CARGO_TARGET_DIR/release/kurz (default target/) can import and serve, kurz, all with the
+# same links, each pinned to CPU 0 while the load generator (this repo's `loadtest` binary) runs
+# on CPU 1; then the floor, a C epoll loop answering fixed bytes (floor.c), which shows the
+# kernel's share that every server pays.
 #
 # For each server it measures: time from start to the first successful redirect; closed-loop
 # peak rate and its p99 (64 connections); open-loop latency at 50% and 90% of that peak;
@@ -27,13 +29,14 @@ NGINX_PORT=18081
 HAPROXY_PORT=18082
 KURZ_PORT=18083
 KURZ_ADMIN_PORT=18084
+FLOOR_PORT=18085
 READY_TIMEOUT_S=600
 QUIET_WAIT_S=${QUIET_WAIT_S:-60}
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 LOADTEST=$TARGET_DIR/release/loadtest
-KURZ=$ROOT/target/release/kurz
+KURZ=$TARGET_DIR/release/kurz
 CLK_TCK=$(getconf CLK_TCK)
 
 die() { echo "compare: $*" >&2; exit 2; }
@@ -428,9 +431,29 @@ run_kurz() {
     stop_pid "$pid"
 }
 
+# --- the floor ---------------------------------------------------------------------------------
+
+# A C epoll loop that answers every request with fixed bytes (floor.c): the kernel's share of a
+# redirect, which no server can go below on this machine.
+run_floor() {
+    if ! command -v cc >/dev/null; then
+        note "floor: skipped: no C compiler"
+        return 0
+    fi
+    cc -O2 -o "$WORK/floor" "$ROOT/loadtest/compare/floor.c" || die "floor.c did not compile"
+    local start_s pid ready_s
+    start_s=$(now_s)
+    start_pinned "$WORK/floor.log" "$WORK/floor" "$FLOOR_PORT"
+    pid=$STARTED_PID
+    ready_s=$(wait_for_redirect "$FLOOR_PORT" "$start_s" "$pid") || die "the floor server did not answer"
+    measure floor "$FLOOR_PORT" "$pid" "$ready_s" "$pid" "-"
+    stop_pid "$pid"
+}
+
 run_nginx
 run_haproxy
 run_kurz
+run_floor
 
 # --- table -------------------------------------------------------------------------------------
 

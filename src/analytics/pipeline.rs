@@ -278,10 +278,9 @@ impl ClickPipeline {
             pending: Vec::new(),
             classifier: Classifier::default(),
         };
-        let thread = std::thread::Builder::new()
-            .name("kurz-clicks".into())
-            .spawn(move || aggregator.run(receiver))
-            .map_err(io_error(Path::new("kurz-clicks thread")))?;
+        let thread =
+            crate::threads::spawn_background("kurz-clicks", move || aggregator.run(receiver))
+                .map_err(io_error(Path::new("kurz-clicks thread")))?;
         Ok(ClickPipeline {
             sender: Some(sender),
             shared,

@@ -30,6 +30,7 @@ use crate::datafile::{self, ImportOptions};
 use crate::metrics::Route;
 use crate::store::snapshotter::Snapshotter;
 use crate::store::{Store, StoreOptions};
+use crate::threads;
 
 /// Sample links imported on the first start of an empty data dir, for the quick start.
 pub const SAMPLE_LINKS_FILE: &str = "sample-links.tsv";
@@ -108,7 +109,13 @@ async fn serve(mut config: ServeConfig) -> Result<(), ServeError> {
         Listener::Admin,
         shutdown_rx.clone(),
     ));
-    let checkpoints = tokio::spawn(checkpoint_clicks(app.clone(), shutdown_rx.clone()));
+    let checkpoints = match ClickCheckpoints::start(app.clone()) {
+        Ok(checkpoints) => Some(checkpoints),
+        Err(error) => {
+            tracing::error!("click counts will be saved only at shutdown: {error}");
+            None
+        }
+    };
     let opener = {
         let app = app.clone();
         tokio::task::spawn_blocking(move || open_store(&app))
@@ -134,15 +141,24 @@ async fn serve(mut config: ServeConfig) -> Result<(), ServeError> {
     }
     tracing::info!("shutting down: no new connections; waiting for in-flight requests");
     let _ = shutdown_tx.send(true);
-    for task in [public_task, admin_task, checkpoints] {
+    for task in [public_task, admin_task] {
         if let Err(error) = task.await {
-            tracing::error!("listener or checkpoint task failed: {error}");
+            tracing::error!("listener task failed: {error}");
         }
+    }
+    if let Some(checkpoints) = checkpoints {
+        checkpoints.stop().await;
     }
     if app.store().is_some() {
         // Only once the store (and with it the last checkpoint) was read, or the counts of the
         // previous run would be overwritten.
-        save_clicks(&app).await;
+        let app = app.clone();
+        if tokio::task::spawn_blocking(move || save_clicks(&app))
+            .await
+            .is_err()
+        {
+            tracing::error!("the last click checkpoint failed");
+        }
     }
     // Stops the policy thread (a cycle in progress finishes) and lets go of its hold on the app.
     drop(snapshotter);
@@ -209,31 +225,50 @@ async fn close_store(mut app: Arc<App>, grace: Duration) {
     }
 }
 
-/// Writes the click counters to the data dir off the async workers.
-async fn save_clicks(app: &Arc<App>) {
-    let app = app.clone();
-    let path = app.config.data_dir.join(CLICKS_FILE);
-    let saved = tokio::task::spawn_blocking(move || app.clicks.save(&path)).await;
-    match saved {
-        Ok(Ok(count)) => tracing::debug!("click counts of {count} links checkpointed"),
-        Ok(Err(error)) => tracing::error!("{error}"),
-        Err(error) => tracing::error!("click checkpoint task failed: {error}"),
+/// Writes the click counters to the data dir (blocking).
+fn save_clicks(app: &App) {
+    match app.clicks.save(&app.config.data_dir.join(CLICKS_FILE)) {
+        Ok(count) => tracing::debug!("click counts of {count} links checkpointed"),
+        Err(error) => tracing::error!("{error}"),
     }
 }
 
-/// Checkpoints the click counters every `clicks_checkpoint_ms` while any changed, until shutdown.
-async fn checkpoint_clicks(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
-    let every = Duration::from_millis(app.config.clicks_checkpoint_ms);
-    let mut saved_total = 0;
-    loop {
-        tokio::select! {
-            () = tokio::time::sleep(every) => {}
-            () = stopped(&mut shutdown) => return,
-        }
-        let total = app.clicks.clicks_total();
-        if app.store().is_some() && total != saved_total {
-            save_clicks(&app).await;
-            saved_total = total;
+/// The background thread that checkpoints the click counters.
+struct ClickCheckpoints {
+    stop: crossbeam_channel::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl ClickCheckpoints {
+    /// Checkpoints the click counters every `clicks_checkpoint_ms` while any changed, on a
+    /// background thread, so that writing every counter never holds up a redirect.
+    fn start(app: Arc<App>) -> std::io::Result<ClickCheckpoints> {
+        let (stop, stopped) = crossbeam_channel::bounded::<()>(1);
+        let every = Duration::from_millis(app.config.clicks_checkpoint_ms);
+        let thread = threads::spawn_background("kurz-clicks-checkpoint", move || {
+            let mut saved_total = 0;
+            while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
+                stopped.recv_timeout(every)
+            {
+                let total = app.clicks.clicks_total();
+                if app.store().is_some() && total != saved_total {
+                    save_clicks(&app);
+                    saved_total = total;
+                }
+            }
+        })?;
+        Ok(ClickCheckpoints { stop, thread })
+    }
+
+    /// Stops the thread (a checkpoint in progress finishes) and lets go of its hold on the app.
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let thread = self.thread;
+        if tokio::task::spawn_blocking(move || thread.join())
+            .await
+            .is_err()
+        {
+            tracing::error!("the click checkpoint thread failed");
         }
     }
 }

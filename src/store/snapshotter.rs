@@ -53,13 +53,11 @@ impl Snapshotter {
         policy: SnapshotPolicy,
     ) -> std::io::Result<Snapshotter> {
         let (stop, stopped) = mpsc::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("kurz-snapshotter".into())
-            .spawn(move || {
-                if let Some(store) = store_of(&owner) {
-                    run(store, policy, &stopped);
-                }
-            })?;
+        let thread = crate::threads::spawn_background("kurz-snapshotter", move || {
+            if let Some(store) = store_of(&owner) {
+                run(store, policy, &stopped);
+            }
+        })?;
         Ok(Snapshotter {
             stop: Some(stop),
             thread: Some(thread),
