@@ -594,7 +594,10 @@ fn click_cap_serves_exactly_n_redirects_under_concurrency() {
             .collect()
     });
     assert_eq!(statuses.len(), CLIENTS * REQUESTS_PER_CLIENT);
-    assert_eq!(statuses.iter().filter(|status| **status == 302).count(), CAP);
+    assert_eq!(
+        statuses.iter().filter(|status| **status == 302).count(),
+        CAP
+    );
     assert_eq!(
         statuses.iter().filter(|status| **status == 410).count(),
         CLIENTS * REQUESTS_PER_CLIENT - CAP
