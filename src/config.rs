@@ -31,6 +31,9 @@ pub const CLICKS_CHECKPOINT_MS_DEFAULT: u64 = 10_000;
 const CLICKS_CHECKPOINT_MS_MIN: u64 = 100;
 pub const CLICK_LOG_FLUSH_MS_DEFAULT: u64 = 1000;
 const CLICK_LOG_FLUSH_MS_MIN: u64 = 10;
+pub const CLICK_LOG_FILE_BYTES_MAX_DEFAULT: u64 = 100 << 20;
+const CLICK_LOG_FILE_BYTES_MAX_MIN: u64 = 4096;
+pub const CLICK_LOG_FILES_KEPT_DEFAULT: u32 = 5;
 pub const SNAPSHOT_EVERY_RECORDS_DEFAULT: u64 = 1_000_000;
 pub const SNAPSHOT_AGE_MAX_S_DEFAULT: u64 = 3600;
 /// Largest accepted blocklist file; a bigger one is almost certainly the wrong file.
@@ -167,6 +170,17 @@ pub struct ServeArgs {
     /// never downloaded.
     #[arg(long, env = "KURZ_GEOIP_DB")]
     pub geoip_db: Option<PathBuf>,
+    /// Also write every click, raw (code, time, referer, user agent, client IP, country,
+    /// browser, OS, bot), as one JSON line to this file, for shipping clicks elsewhere; fsynced
+    /// with the analytics, rotated by size to FILE.1 ... FILE.<kept>. Needs click analytics on.
+    #[arg(long, env = "KURZ_CLICK_LOG")]
+    pub click_log: Option<PathBuf>,
+    /// Size at which the click log is rotated, in bytes [default: 104857600].
+    #[arg(long, env = "KURZ_CLICK_LOG_FILE_BYTES_MAX")]
+    pub click_log_file_bytes_max: Option<u64>,
+    /// Rotated click log files kept besides the current one [default: 5].
+    #[arg(long, env = "KURZ_CLICK_LOG_FILES_KEPT")]
+    pub click_log_files_kept: Option<u32>,
     /// Request header a CDN in front sets to the client's country code (e.g. CF-IPCountry), used
     /// when no database is configured or it does not know the address.
     #[arg(long, env = "KURZ_COUNTRY_HEADER")]
@@ -229,6 +243,11 @@ impl ServeArgs {
             clicks_checkpoint_ms: self.clicks_checkpoint_ms.or(file.clicks_checkpoint_ms),
             click_log_flush_ms: self.click_log_flush_ms.or(file.click_log_flush_ms),
             geoip_db: self.geoip_db.or(file.geoip_db),
+            click_log: self.click_log.or(file.click_log),
+            click_log_file_bytes_max: self
+                .click_log_file_bytes_max
+                .or(file.click_log_file_bytes_max),
+            click_log_files_kept: self.click_log_files_kept.or(file.click_log_files_kept),
             country_header: self.country_header.or(file.country_header),
             snapshot_every_records: self.snapshot_every_records.or(file.snapshot_every_records),
             snapshot_age_max_s: self.snapshot_age_max_s.or(file.snapshot_age_max_s),
@@ -272,6 +291,7 @@ pub struct ServeConfig {
     pub clicks_checkpoint_ms: u64,
     pub click_log_flush_ms: u64,
     pub geoip_db: Option<PathBuf>,
+    pub click_log: Option<crate::analytics::clicklog::ClickLogOptions>,
     /// Lower-case header name.
     pub country_header: Option<String>,
     pub snapshot_policy: crate::store::snapshotter::SnapshotPolicy,
@@ -459,6 +479,31 @@ impl ServeConfig {
                 format!("must be at least {CLICK_LOG_FLUSH_MS_MIN}"),
             ));
         }
+        let click_log_file_bytes_max = args
+            .click_log_file_bytes_max
+            .unwrap_or(CLICK_LOG_FILE_BYTES_MAX_DEFAULT);
+        if click_log_file_bytes_max < CLICK_LOG_FILE_BYTES_MAX_MIN {
+            return Err(invalid(
+                "click_log_file_bytes_max",
+                format!("must be at least {CLICK_LOG_FILE_BYTES_MAX_MIN}"),
+            ));
+        }
+        let click_log = match args.click_log {
+            Some(_) if args.no_click_analytics => {
+                return Err(invalid(
+                    "click_log",
+                    "needs click analytics; drop no_click_analytics",
+                ))
+            }
+            Some(path) => Some(crate::analytics::clicklog::ClickLogOptions {
+                path,
+                file_bytes_max: click_log_file_bytes_max,
+                files_kept: args
+                    .click_log_files_kept
+                    .unwrap_or(CLICK_LOG_FILES_KEPT_DEFAULT),
+            }),
+            None => None,
+        };
         let country_header = match args.country_header {
             Some(name) if hyper::header::HeaderName::from_bytes(name.as_bytes()).is_err() => {
                 return Err(invalid("country_header", "is not a valid header name"));
@@ -514,6 +559,7 @@ impl ServeConfig {
             clicks_checkpoint_ms,
             click_log_flush_ms,
             geoip_db: args.geoip_db,
+            click_log,
             country_header,
             snapshot_policy: crate::store::snapshotter::SnapshotPolicy {
                 wal_records_max: snapshot_every_records,

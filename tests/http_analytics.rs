@@ -351,3 +351,66 @@ fn with_analytics_off_counts_stay_exact_and_breakdowns_empty() {
     assert_eq!(answer["human_clicks"], 0);
     assert!(!dir.path().join("analytics").exists());
 }
+
+#[test]
+fn the_raw_click_log_gets_every_click_as_a_json_line() {
+    let dir = data_dir();
+    let key = add_key(dir.path(), "alice", "write");
+    let log_dir = tempfile::tempdir().expect("tempdir");
+    let log = log_dir.path().join("clicks.ndjson");
+    let log_arg = log.to_string_lossy().into_owned();
+    let server = Server::start(
+        dir.path(),
+        &[
+            FLUSH[0],
+            FLUSH[1],
+            "--click-log",
+            &log_arg,
+            "--trusted-proxies",
+            "127.0.0.1",
+        ],
+    );
+    let code = server.create(&key, r#"{"long_url":"https://example.com/shipped"}"#);
+    click(
+        &server,
+        &code,
+        &[
+            ("User-Agent", FIREFOX),
+            ("Referer", "https://www.news.example/item?id=1"),
+            ("X-Forwarded-For", "192.0.2.7"),
+        ],
+    );
+    click(&server, &code, &[("User-Agent", SLACKBOT)]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let lines: Vec<Value> = loop {
+        let lines: Vec<Value> = std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("a JSON line"))
+            .collect();
+        if lines.len() >= 2 {
+            break lines;
+        }
+        assert!(Instant::now() < deadline, "the click log has {lines:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(lines.len(), 2);
+    let human = &lines[0];
+    assert_eq!(human["code"], code.as_str());
+    assert_eq!(human["referer"], "https://www.news.example/item?id=1");
+    assert_eq!(human["referrer_domain"], "news.example");
+    assert_eq!(human["user_agent"], FIREFOX);
+    assert_eq!(human["client_ip"], "192.0.2.7");
+    assert_eq!(human["browser"], "Firefox");
+    assert_eq!(human["bot"], false);
+    assert!(human["at"].as_str().is_some_and(|at| at.ends_with('Z')));
+    assert_eq!(lines[1]["bot"], true);
+    assert_eq!(lines[1]["browser"], "Slackbot");
+
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_kurz"))
+        .args(["serve", "--no-click-analytics", "--click-log", &log_arg])
+        .output()
+        .expect("run kurz");
+    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("click_log"));
+}

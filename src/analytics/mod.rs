@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod aggregate;
+pub mod clicklog;
 pub mod geo;
 pub mod pipeline;
 pub mod referrer;

@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use super::aggregate::{
     Aggregates, ClassifiedClick, LinkStats, StatsQuery, StatsQueryError, OTHER,
 };
+use super::clicklog::{ClickLine, ClickLog, ClickLogError, ClickLogOptions};
 use super::geo::CountryResolver;
 use super::{agent, geo, referrer};
 use crate::fsutil;
@@ -46,6 +47,8 @@ pub enum AnalyticsError {
     Io { path: PathBuf, source: io::Error },
     #[error("click analytics checkpoint {path} is unreadable: {detail}")]
     Checkpoint { path: PathBuf, detail: String },
+    #[error(transparent)]
+    ClickLog(#[from] ClickLogError),
 }
 
 /// One served redirect, as the hot path hands it over.
@@ -67,6 +70,8 @@ pub struct AnalyticsOptions {
     pub checkpoint_interval: Duration,
     pub queue_events_max: usize,
     pub countries: CountryResolver,
+    /// The raw click log for shipping clicks elsewhere, if one is wanted.
+    pub click_log: Option<ClickLogOptions>,
 }
 
 impl AnalyticsOptions {
@@ -77,6 +82,7 @@ impl AnalyticsOptions {
             checkpoint_interval: Duration::from_secs(60),
             queue_events_max: 65_536,
             countries: CountryResolver::without_database(),
+            click_log: None,
         }
     }
 }
@@ -270,6 +276,7 @@ impl ClickPipeline {
         let (covered, generations) = recover(&options.dir, &shared)?;
         let generation = generations.last().copied().unwrap_or(covered).max(covered) + 1;
         let log = EventLog::create(&options.dir, generation)?;
+        let click_log = options.click_log.clone().map(ClickLog::open).transpose()?;
         let (sender, receiver) = crossbeam_channel::bounded(options.queue_events_max);
         let mut aggregator = Aggregator {
             shared: shared.clone(),
@@ -277,6 +284,7 @@ impl ClickPipeline {
             log,
             pending: Vec::new(),
             classifier: Classifier::default(),
+            click_log,
         };
         let thread =
             crate::threads::spawn_background("kurz-clicks", move || aggregator.run(receiver))
@@ -376,6 +384,7 @@ struct Aggregator {
     /// Log lines applied but not yet written.
     pending: Vec<u8>,
     classifier: Classifier,
+    click_log: Option<ClickLog>,
 }
 
 fn cut(value: Option<&str>) -> Option<&str> {
@@ -540,6 +549,21 @@ impl Aggregator {
             };
             aggregates.apply(&click);
             write_log_line(&mut self.pending, &aggregates, &click);
+            if let Some(click_log) = &mut self.click_log {
+                click_log.push(&ClickLine {
+                    code: &event.code,
+                    at: &crate::timefmt::rfc3339(event.at_s),
+                    at_s: event.at_s,
+                    referer: cut(event.referer.as_deref()),
+                    referrer_domain: aggregates.name(click.referrer),
+                    user_agent: cut(event.user_agent.as_deref()),
+                    client_ip: event.client_ip,
+                    country: aggregates.name(click.country),
+                    browser: aggregates.name(click.browser),
+                    os: aggregates.name(click.os),
+                    bot: click.bot,
+                });
+            }
             bot_events += u64::from(click.bot);
             newest_at_s = newest_at_s.max(click.at_s);
         }
@@ -549,6 +573,12 @@ impl Aggregator {
     }
 
     fn flush(&mut self) {
+        if let Some(click_log) = &mut self.click_log {
+            // The lines stay buffered for the next flush.
+            if let Err(error) = click_log.flush() {
+                tracing::error!("{error}");
+            }
+        }
         if self.pending.is_empty() {
             return;
         }

@@ -328,6 +328,7 @@ fn start_analytics(app: &App) -> Result<(), ServeError> {
     let analytics = ClickPipeline::start(AnalyticsOptions {
         flush_interval: Duration::from_millis(config.click_log_flush_ms),
         countries,
+        click_log: config.click_log.clone(),
         ..AnalyticsOptions::new(config.data_dir.join(ANALYTICS_DIR))
     })?;
     if !app.set_analytics(analytics) {
