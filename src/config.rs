@@ -26,7 +26,7 @@ pub const RATE_LIMIT_BURST_DEFAULT: u32 = 200;
 pub const CONNECTIONS_MAX_DEFAULT: usize = 10_000;
 pub const TIMEOUT_HEADER_READ_MS_DEFAULT: u64 = 10_000;
 pub const TIMEOUT_SHUTDOWN_MS_DEFAULT: u64 = 10_000;
-pub const CLICKS_CHECKPOINT_MS_DEFAULT: u64 = 10_000;
+pub const CLICKS_CHECKPOINT_MS_DEFAULT: u64 = 1_000;
 /// Checkpoints rewrite every counter, so they must not run back to back.
 const CLICKS_CHECKPOINT_MS_MIN: u64 = 100;
 pub const CLICK_LOG_FLUSH_MS_DEFAULT: u64 = 1000;
@@ -157,8 +157,9 @@ pub struct ServeArgs {
     /// keep-alive connections too, so it is also the idle timeout [default: 10000].
     #[arg(long, env = "KURZ_TIMEOUT_HEADER_READ_MS")]
     pub timeout_header_read_ms: Option<u64>,
-    /// How often click counts are checkpointed to <data-dir>/clicks.tsv, in ms (they are also
-    /// written at shutdown; a kill -9 loses the clicks since the last checkpoint) [default: 10000].
+    /// How often the click counts that changed are made durable (appended to
+    /// <data-dir>/clicks-changes.tsv and fsynced; all of them go to clicks.tsv when the changes
+    /// outgrow it, and at shutdown), in ms: a kill -9 loses at most this much [default: 1000].
     #[arg(long, env = "KURZ_CLICKS_CHECKPOINT_MS")]
     pub clicks_checkpoint_ms: Option<u64>,
     /// How often click analytics (referrers, countries, user agents, time series) are flushed to

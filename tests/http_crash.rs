@@ -321,7 +321,8 @@ fn settings_come_from_a_config_file_and_the_environment() {
 fn click_counts_and_caps_survive_restarts() {
     let dir = data_dir();
     let key = add_key(dir.path(), "writer", "write");
-    let server = Server::start(dir.path(), &["--clicks-checkpoint-ms", "100"]);
+    // The default checkpoint interval: changed counts are appended to clicks-changes.tsv.
+    let server = Server::start(dir.path(), &[]);
     let code = server.create(
         &key,
         r#"{"long_url":"https://example.com/c","max_clicks":3}"#,
@@ -330,7 +331,7 @@ fn click_counts_and_caps_survive_restarts() {
     assert_eq!(server.get(&path).status, 302);
     assert_eq!(server.get(&path).status, 302);
     // Wait for a checkpoint holding both clicks, then crash.
-    let checkpoint = dir.path().join("clicks.tsv");
+    let checkpoint = dir.path().join("clicks-changes.tsv");
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while !std::fs::read_to_string(&checkpoint)
         .unwrap_or_default()

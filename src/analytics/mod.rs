@@ -1,8 +1,10 @@
 //! Click counting: an exact per-link count of redirects served and the time of the last one,
 //! which also enforces `max_clicks`. Counts live in memory (a sharded map of atomics, no lock
-//! shared by all workers) and are checkpointed to `<data-dir>/clicks.tsv` (temp file, fsync,
-//! rename) by the server every few seconds and at shutdown, so a restart keeps them; a `kill -9`
-//! loses the clicks since the last checkpoint. Never touches the store.
+//! shared by all workers). They reach the data dir in two files: every checkpoint interval
+//! (default 1 s) the counts that changed are appended to `clicks-changes.tsv` and fsynced, so a
+//! `kill -9` loses at most that interval; when the changes outgrow the full file, and at
+//! shutdown, every count is written to `clicks.tsv` (temp file, fsync, rename) and the changes
+//! file starts over. Never touches the store.
 
 pub mod agent;
 pub mod aggregate;
@@ -12,15 +14,17 @@ pub mod pipeline;
 pub mod referrer;
 
 use std::fmt::Write as _;
-use std::fs::File;
-use std::io::{self, BufRead, BufReader};
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use dashmap::DashMap;
 
-/// The checkpoint file in the data dir.
+/// Every count, in the data dir.
 pub const CLICKS_FILE: &str = "clicks.tsv";
+/// Counts changed since `clicks.tsv` was written, appended, in the data dir.
+pub const CLICK_CHANGES_FILE: &str = "clicks-changes.tsv";
 const CLICKS_FILE_HEADER: &str =
     "# kurz click counts: code<TAB>clicks<TAB>last_clicked_at (unix s)";
 
@@ -36,6 +40,8 @@ pub enum ClicksError {
 #[derive(Default, Debug)]
 struct ClickCell {
     clicks: AtomicU64,
+    /// The count the files in the data dir hold (written by the checkpoint thread only).
+    saved_clicks: AtomicU64,
     /// Unix seconds; 0 = never.
     last_clicked_at_s: AtomicI64,
 }
@@ -110,10 +116,18 @@ impl ClickCounters {
         self.clicks_total.load(Ordering::Relaxed)
     }
 
-    /// Adds the counts of a checkpoint file to these counters (a missing file adds nothing) and
-    /// returns how many links it named. A damaged line is skipped with a warning: counts are
-    /// statistics, not a reason to refuse to start.
-    pub fn restore(&self, path: &Path) -> Result<u64, ClicksError> {
+    /// Restores the counts saved in `dir` (missing files add nothing) and returns how many
+    /// links they named. A damaged line (a write cut short by a crash) is skipped with a
+    /// warning: counts are statistics, not a reason to refuse to start.
+    pub fn restore(&self, dir: &Path) -> Result<u64, ClicksError> {
+        let mut restored = self.restore_file(&dir.join(CLICKS_FILE))?;
+        restored += self.restore_file(&dir.join(CLICK_CHANGES_FILE))?;
+        Ok(restored)
+    }
+
+    /// Reads one counts file; a count only ever grows, so the larger of what the counters and
+    /// the file say wins, whatever order the files were written in.
+    fn restore_file(&self, path: &Path) -> Result<u64, ClicksError> {
         let read_error = |cause| ClicksError::Read {
             path: path.to_owned(),
             cause,
@@ -124,18 +138,18 @@ impl ClickCounters {
             Err(error) => return Err(read_error(error)),
         };
         let mut restored = 0;
-        for (index, line) in BufReader::new(file).lines().enumerate() {
+        for (index, line) in BufReader::new(file).split(b'\n').enumerate() {
             let line = line.map_err(read_error)?;
-            if line.is_empty() || line.starts_with('#') {
+            if line.is_empty() || line.starts_with(b"#") {
                 continue;
             }
-            let mut fields = line.split('\t');
-            let parsed = (|| {
+            let parsed = std::str::from_utf8(&line).ok().and_then(|line| {
+                let mut fields = line.split('\t');
                 let code = fields.next()?;
                 let clicks = fields.next()?.parse::<u64>().ok()?;
                 let last = fields.next()?.parse::<i64>().ok()?;
                 (fields.next().is_none() && !code.is_empty()).then_some((code, clicks, last))
-            })();
+            });
             let Some((code, clicks, last_clicked_at_s)) = parsed else {
                 tracing::warn!(
                     "{} line {}: not code<TAB>clicks<TAB>time; skipped",
@@ -145,7 +159,8 @@ impl ClickCounters {
                 continue;
             };
             let cell = self.cells.entry(code.into()).or_default();
-            cell.clicks.fetch_add(clicks, Ordering::Relaxed);
+            cell.clicks.fetch_max(clicks, Ordering::Relaxed);
+            cell.saved_clicks.fetch_max(clicks, Ordering::Relaxed);
             cell.last_clicked_at_s
                 .fetch_max(last_clicked_at_s, Ordering::Relaxed);
             restored += 1;
@@ -153,31 +168,80 @@ impl ClickCounters {
         Ok(restored)
     }
 
-    /// Writes every counter to `path` durably (temp file, fsync, rename) and returns how many.
-    /// Blocking: call it off the async workers.
-    pub fn save(&self, path: &Path) -> Result<usize, ClicksError> {
+    /// Writes every count to `dir/clicks.tsv` durably (temp file, fsync, rename), then empties
+    /// the changes file, and returns how many links it wrote. Blocking: call it off the async
+    /// workers.
+    pub fn save(&self, dir: &Path) -> Result<usize, ClicksError> {
+        let path = dir.join(CLICKS_FILE);
         let mut text = String::with_capacity(self.cells.len() * 32 + CLICKS_FILE_HEADER.len() + 1);
         text.push_str(CLICKS_FILE_HEADER);
         text.push('\n');
         let mut saved = 0;
         for entry in self.cells.iter() {
-            let _ = writeln!(
-                text,
-                "{}\t{}\t{}",
-                entry.key(),
-                entry.clicks.load(Ordering::Relaxed),
-                entry.last_clicked_at_s.load(Ordering::Relaxed)
-            );
+            let clicks = entry.clicks.load(Ordering::Relaxed);
+            let last = entry.last_clicked_at_s.load(Ordering::Relaxed);
+            let _ = writeln!(text, "{}\t{clicks}\t{last}", entry.key());
+            entry.saved_clicks.store(clicks, Ordering::Relaxed);
             saved += 1;
         }
-        crate::fsutil::write_durably(path, text.as_bytes()).map_err(|cause| {
-            ClicksError::Write {
-                path: path.to_owned(),
+        crate::fsutil::write_durably(&path, text.as_bytes())
+            .map_err(|cause| ClicksError::Write { path, cause })?;
+        let changes = dir.join(CLICK_CHANGES_FILE);
+        File::create(&changes)
+            .and_then(|file| file.sync_all())
+            .map_err(|cause| ClicksError::Write {
+                path: changes,
                 cause,
-            }
-        })?;
+            })?;
         Ok(saved)
     }
+
+    /// Appends the counts that changed since the last save to `dir/clicks-changes.tsv` and
+    /// fsyncs it; returns how many links changed and the changes file's size. After an error
+    /// some changes may be marked saved without being on disk: follow it with [`Self::save`].
+    pub fn save_changes(&self, dir: &Path) -> Result<SavedChanges, ClicksError> {
+        let path = dir.join(CLICK_CHANGES_FILE);
+        let mut text = String::new();
+        let mut links = 0;
+        for entry in self.cells.iter() {
+            let clicks = entry.clicks.load(Ordering::Relaxed);
+            if clicks == entry.saved_clicks.load(Ordering::Relaxed) {
+                continue;
+            }
+            let last = entry.last_clicked_at_s.load(Ordering::Relaxed);
+            let _ = writeln!(text, "{}\t{clicks}\t{last}", entry.key());
+            entry.saved_clicks.store(clicks, Ordering::Relaxed);
+            links += 1;
+        }
+        let write_error = |cause| ClicksError::Write {
+            path: path.clone(),
+            cause,
+        };
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(write_error)?;
+        if links > 0 {
+            file.write_all(text.as_bytes())
+                .and_then(|()| file.sync_data())
+                .map_err(write_error)?;
+        }
+        let file_bytes = file.metadata().map_err(write_error)?.len();
+        Ok(SavedChanges { links, file_bytes })
+    }
+
+    /// The size of `dir/clicks.tsv` (0 when there is none).
+    pub fn saved_file_bytes(dir: &Path) -> u64 {
+        std::fs::metadata(dir.join(CLICKS_FILE)).map_or(0, |meta| meta.len())
+    }
+}
+
+/// What [`ClickCounters::save_changes`] wrote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SavedChanges {
+    pub links: usize,
+    pub file_bytes: u64,
 }
 
 fn count(cell: &ClickCell, cap: Option<u64>, now_s: i64) -> bool {
@@ -233,11 +297,11 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join(CLICKS_FILE);
         let counters = ClickCounters::default();
-        assert_eq!(counters.restore(&path).expect("missing file"), 0);
+        assert_eq!(counters.restore(dir.path()).expect("missing files"), 0);
         counters.record("abc", None, 50);
         counters.record("abc", None, 60);
         counters.record("x-y_z", Some(5), 70);
-        assert_eq!(counters.save(&path).expect("save"), 2);
+        assert_eq!(counters.save(dir.path()).expect("save"), 2);
         let restored = ClickCounters::default();
         std::fs::write(
             &path,
@@ -247,7 +311,7 @@ mod tests {
             ),
         )
         .expect("append garbage");
-        assert_eq!(restored.restore(&path).expect("restore"), 2);
+        assert_eq!(restored.restore(dir.path()).expect("restore"), 2);
         assert_eq!(
             restored.stats("abc"),
             ClickStats {
@@ -256,6 +320,57 @@ mod tests {
             }
         );
         assert_eq!(restored.stats("x-y_z").clicks, 1);
+    }
+
+    #[test]
+    fn changes_are_appended_and_win_over_an_older_full_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let counters = ClickCounters::default();
+        counters.record("a", None, 10);
+        counters.record("b", None, 10);
+        counters.save(dir.path()).expect("save");
+        let unchanged = counters.save_changes(dir.path()).expect("no changes");
+        assert_eq!((unchanged.links, unchanged.file_bytes), (0, 0));
+        counters.record("a", None, 20);
+        counters.record("c", None, 30);
+        let first = counters.save_changes(dir.path()).expect("changes");
+        assert_eq!(first.links, 2);
+        counters.record("a", None, 40);
+        let second = counters.save_changes(dir.path()).expect("more changes");
+        assert_eq!(second.links, 1);
+        assert!(second.file_bytes > first.file_bytes);
+
+        // As after a kill -9: only what the files say.
+        let restored = ClickCounters::default();
+        restored.restore(dir.path()).expect("restore");
+        assert_eq!(
+            restored.stats("a"),
+            ClickStats {
+                clicks: 3,
+                last_clicked_at_s: Some(40)
+            }
+        );
+        assert_eq!(restored.stats("b").clicks, 1);
+        assert_eq!(restored.stats("c").clicks, 1);
+        assert_eq!(
+            restored
+                .save_changes(dir.path())
+                .expect("nothing new")
+                .links,
+            0
+        );
+
+        // A full save empties the changes file; the counts stay.
+        restored.save(dir.path()).expect("save");
+        assert_eq!(
+            std::fs::metadata(dir.path().join(CLICK_CHANGES_FILE))
+                .expect("changes file")
+                .len(),
+            0
+        );
+        let again = ClickCounters::default();
+        again.restore(dir.path()).expect("restore");
+        assert_eq!(again.stats("a").clicks, 3);
     }
 
     #[test]

@@ -23,7 +23,7 @@ use tokio::sync::{watch, Notify, Semaphore};
 use super::{admin, api, fast, redirect, App, Response, ServeError};
 use crate::analytics::geo::CountryResolver;
 use crate::analytics::pipeline::{AnalyticsOptions, ClickPipeline};
-use crate::analytics::CLICKS_FILE;
+use crate::analytics::ClickCounters;
 use crate::auth::Keys;
 use crate::config::ServeConfig;
 use crate::datafile::{self, ImportOptions};
@@ -157,7 +157,7 @@ async fn serve(mut config: ServeConfig) -> Result<(), ServeError> {
             .await
             .is_err()
         {
-            tracing::error!("the last click checkpoint failed");
+            tracing::error!("the last click checkpoint task failed");
         }
     }
     // Stops the policy thread (a cycle in progress finishes) and lets go of its hold on the app.
@@ -225,11 +225,40 @@ async fn close_store(mut app: Arc<App>, grace: Duration) {
     }
 }
 
-/// Writes the click counters to the data dir (blocking).
-fn save_clicks(app: &App) {
-    match app.clicks.save(&app.config.data_dir.join(CLICKS_FILE)) {
-        Ok(count) => tracing::debug!("click counts of {count} links checkpointed"),
-        Err(error) => tracing::error!("{error}"),
+/// Writes every click count to the data dir (blocking); false if that failed.
+fn save_clicks(app: &App) -> bool {
+    match app.clicks.save(&app.config.data_dir) {
+        Ok(count) => {
+            tracing::debug!("click counts of {count} links checkpointed");
+            true
+        }
+        Err(error) => {
+            tracing::error!("{error}");
+            false
+        }
+    }
+}
+
+/// The changes file is folded into a full rewrite once it is larger than the full file and than
+/// this.
+const CLICK_CHANGES_BYTES_MIN: u64 = 1 << 20;
+
+/// Makes the click counts that changed durable, and rewrites them all when the changes have
+/// grown large or the last attempt failed; returns whether a full rewrite is still owed.
+fn checkpoint_clicks(app: &App, full_owed: bool) -> bool {
+    if full_owed {
+        return !save_clicks(app);
+    }
+    let dir = &app.config.data_dir;
+    match app.clicks.save_changes(dir) {
+        Ok(changes) => {
+            let full_bytes = ClickCounters::saved_file_bytes(dir);
+            changes.file_bytes > full_bytes.max(CLICK_CHANGES_BYTES_MIN) && !save_clicks(app)
+        }
+        Err(error) => {
+            tracing::error!("{error}; writing every count next");
+            true
+        }
     }
 }
 
@@ -240,20 +269,20 @@ struct ClickCheckpoints {
 }
 
 impl ClickCheckpoints {
-    /// Checkpoints the click counters every `clicks_checkpoint_ms` while any changed, on a
-    /// background thread, so that writing every counter never holds up a redirect.
+    /// Makes changed click counts durable every `clicks_checkpoint_ms`, on a background thread,
+    /// so that writing them never holds up a redirect.
     fn start(app: Arc<App>) -> std::io::Result<ClickCheckpoints> {
         let (stop, stopped) = crossbeam_channel::bounded::<()>(1);
         let every = Duration::from_millis(app.config.clicks_checkpoint_ms);
         let thread = threads::spawn_background("kurz-clicks-checkpoint", move || {
-            let mut saved_total = 0;
+            let mut full_owed = false;
             while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
                 stopped.recv_timeout(every)
             {
-                let total = app.clicks.clicks_total();
-                if app.store().is_some() && total != saved_total {
-                    save_clicks(&app);
-                    saved_total = total;
+                // Only once the store (and with it the saved counts) was read, or the counts
+                // of the previous run would be overwritten.
+                if app.store().is_some() {
+                    full_owed = checkpoint_clicks(&app, full_owed);
                 }
             }
         })?;
@@ -296,12 +325,11 @@ fn open_store(app: &App) -> Result<(), ServeError> {
         recovery.wal_records_replayed,
         recovery.last_seq
     );
-    let clicks_path = config.data_dir.join(CLICKS_FILE);
-    let restored = app.clicks.restore(&clicks_path)?;
+    let restored = app.clicks.restore(&config.data_dir)?;
     if restored > 0 {
         tracing::info!(
-            "click counts of {restored} links restored from {}",
-            clicks_path.display()
+            "{restored} click counts restored from {}",
+            config.data_dir.display()
         );
     }
     let sample = config.data_dir.join(SAMPLE_LINKS_FILE);
