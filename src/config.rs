@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::cluster::{self, shard::SHARDS_MAX, ClusterOptions};
 use crate::links::codegen::{CodeStrategy, CODE_LEN_DEFAULT, COUNTER_NODE_ID_MAX};
 use crate::links::validate::{self, UrlRules, CODE_BYTES_MAX, URL_BYTES_MAX_DEFAULT};
 use crate::store::link::RedirectStatus;
@@ -41,6 +42,12 @@ const BLOCKLIST_BYTES_MAX: u64 = 64 * 1024 * 1024;
 /// Largest accepted TOML config file.
 const CONFIG_BYTES_MAX: u64 = 1024 * 1024;
 const WORKERS_MAX: usize = 1024;
+/// Most NATS server URLs `--nats` takes; the client learns the rest of the cluster from them.
+const NATS_URLS_MAX: usize = 64;
+/// JetStream keeps at most 5 replicas of a stream.
+const NATS_REPLICAS_MAX: usize = 5;
+/// Shortest click flush period of cluster mode: each flush publishes every changed count.
+const CLUSTER_CLICK_FLUSH_MS_MIN: u64 = 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -201,6 +208,41 @@ pub struct ServeArgs {
     /// plain GET/HEAD /{code} requests itself (for comparison and debugging).
     #[arg(long, env = "KURZ_HYPER_ONLY")]
     pub hyper_only: bool,
+    /// Cluster mode: NATS servers (comma-separated URLs, any of the cluster's) whose JetStream
+    /// stream is the cluster's write log. Without it kurz runs single-node with its local WAL.
+    /// With it, --fsync does not apply: a write is acknowledged once JetStream has it on a
+    /// quorum of servers and this node has applied it.
+    #[arg(long, env = "KURZ_NATS", value_delimiter = ',')]
+    pub nats: Option<Vec<String>>,
+    /// Cluster mode: JetStream stream holding the link records (one per cluster)
+    /// [default: KURZ_LINKS].
+    #[arg(long, env = "KURZ_NATS_STREAM")]
+    pub nats_stream: Option<String>,
+    /// Cluster mode: JetStream replicas of the link stream, the clicks stream and the snapshot
+    /// bucket; 3 in a 3-server NATS cluster (only the node that creates a stream sets it)
+    /// [default: 3].
+    #[arg(long, env = "KURZ_NATS_REPLICAS")]
+    pub nats_replicas: Option<usize>,
+    /// Cluster mode: how many shards the code space is cut into; the same on every node and in
+    /// the load balancer's routing [default: 1].
+    #[arg(long, env = "KURZ_SHARDS")]
+    pub shards: Option<u32>,
+    /// Cluster mode: comma-separated shards (0 to shards-1) this node holds and takes writes
+    /// for [default: all].
+    #[arg(long, env = "KURZ_SHARD_SET", value_delimiter = ',')]
+    pub shard_set: Option<Vec<u32>>,
+    /// Cluster mode: /readyz answers 503 while this node is more than this many records of its
+    /// shards behind the stream [default: 1000].
+    #[arg(long, env = "KURZ_READY_LAG_RECORDS_MAX")]
+    pub ready_lag_records_max: Option<u64>,
+    /// Cluster mode: how long a write waits for this node to apply its own acknowledged record
+    /// before answering 503 (the write is durable then, the node lags), in ms [default: 10000].
+    #[arg(long, env = "KURZ_CLUSTER_APPLY_WAIT_MS")]
+    pub cluster_apply_wait_ms: Option<u64>,
+    /// Cluster mode: how often this node publishes its click counts to the clicks stream, in ms;
+    /// other nodes see its clicks (and enforce caps on them) this much later [default: 1000].
+    #[arg(long, env = "KURZ_CLUSTER_CLICK_FLUSH_MS")]
+    pub cluster_click_flush_ms: Option<u64>,
     /// On SIGTERM/SIGINT, how long in-flight requests may take before the store is closed
     /// anyway, in ms [default: 10000].
     #[arg(long, env = "KURZ_TIMEOUT_SHUTDOWN_MS")]
@@ -254,6 +296,14 @@ impl ServeArgs {
             snapshot_age_max_s: self.snapshot_age_max_s.or(file.snapshot_age_max_s),
             no_click_analytics: self.no_click_analytics || file.no_click_analytics,
             hyper_only: self.hyper_only || file.hyper_only,
+            nats: self.nats.or(file.nats),
+            nats_stream: self.nats_stream.or(file.nats_stream),
+            nats_replicas: self.nats_replicas.or(file.nats_replicas),
+            shards: self.shards.or(file.shards),
+            shard_set: self.shard_set.or(file.shard_set),
+            ready_lag_records_max: self.ready_lag_records_max.or(file.ready_lag_records_max),
+            cluster_apply_wait_ms: self.cluster_apply_wait_ms.or(file.cluster_apply_wait_ms),
+            cluster_click_flush_ms: self.cluster_click_flush_ms.or(file.cluster_click_flush_ms),
         }
     }
 }
@@ -298,6 +348,141 @@ pub struct ServeConfig {
     pub snapshot_policy: crate::store::snapshotter::SnapshotPolicy,
     pub click_analytics: bool,
     pub hyper_only: bool,
+    /// Cluster mode; None is single-node mode with the local WAL.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// The settings of cluster mode (`--nats` and the flags that need it).
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    pub nats_urls: Vec<String>,
+    pub stream_name: String,
+    pub replicas: usize,
+    pub shards: u32,
+    /// Empty: every shard.
+    pub shard_set: Vec<u32>,
+    pub ready_lag_records_max: u64,
+    pub apply_wait_ms: u64,
+    pub click_flush_ms: u64,
+}
+
+impl ClusterConfig {
+    /// The cluster node's options for a node keeping its data in `data_dir`.
+    pub fn options(&self, data_dir: &Path) -> ClusterOptions {
+        ClusterOptions {
+            stream_name: self.stream_name.clone(),
+            replicas: self.replicas,
+            shards: self.shards,
+            shard_set: self.shard_set.clone(),
+            ready_lag_records_max: self.ready_lag_records_max,
+            apply_wait_ms: self.apply_wait_ms,
+            ..ClusterOptions::new(self.nats_urls.clone(), data_dir.to_owned())
+        }
+    }
+}
+
+/// The cluster settings, or None without `--nats`; refuses cluster flags without `--nats`.
+fn cluster_config(args: &ServeArgs) -> Result<Option<ClusterConfig>, ConfigError> {
+    let Some(urls) = &args.nats else {
+        let given = [
+            ("nats_stream", args.nats_stream.is_some()),
+            ("nats_replicas", args.nats_replicas.is_some()),
+            ("shards", args.shards.is_some()),
+            ("shard_set", args.shard_set.is_some()),
+            (
+                "ready_lag_records_max",
+                args.ready_lag_records_max.is_some(),
+            ),
+            (
+                "cluster_apply_wait_ms",
+                args.cluster_apply_wait_ms.is_some(),
+            ),
+            (
+                "cluster_click_flush_ms",
+                args.cluster_click_flush_ms.is_some(),
+            ),
+        ];
+        return match given.iter().find(|(_, given)| *given) {
+            Some((name, _)) => Err(invalid(
+                name,
+                "is a cluster-mode setting: give --nats URL[,URL...] too, or leave it out for single-node mode",
+            )),
+            None => Ok(None),
+        };
+    };
+    let nats_urls: Vec<String> = urls
+        .iter()
+        .map(|url| url.trim().to_owned())
+        .filter(|url| !url.is_empty())
+        .collect();
+    if nats_urls.is_empty() || nats_urls.len() > NATS_URLS_MAX {
+        return Err(invalid(
+            "nats",
+            format!("give 1 to {NATS_URLS_MAX} NATS server URLs, e.g. nats://10.0.0.1:4222"),
+        ));
+    }
+    let stream_name = args
+        .nats_stream
+        .clone()
+        .unwrap_or_else(|| cluster::STREAM_NAME_DEFAULT.to_owned());
+    if stream_name.is_empty()
+        || !stream_name
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-')
+    {
+        return Err(invalid(
+            "nats_stream",
+            "must be letters, digits, '_' and '-' (a JetStream stream name)",
+        ));
+    }
+    let replicas = args.nats_replicas.unwrap_or(cluster::REPLICAS_DEFAULT);
+    if !(1..=NATS_REPLICAS_MAX).contains(&replicas) {
+        return Err(invalid(
+            "nats_replicas",
+            format!("must be 1 to {NATS_REPLICAS_MAX}"),
+        ));
+    }
+    let shards = args.shards.unwrap_or(1);
+    if !(1..=SHARDS_MAX).contains(&shards) {
+        return Err(invalid("shards", format!("must be 1 to {SHARDS_MAX}")));
+    }
+    let shard_set = args.shard_set.clone().unwrap_or_default();
+    if let Some(shard) = shard_set.iter().find(|shard| **shard >= shards) {
+        return Err(invalid(
+            "shard_set",
+            format!(
+                "shard {shard} does not exist: with --shards {shards} shards are 0 to {}",
+                shards - 1
+            ),
+        ));
+    }
+    let click_flush_ms = args
+        .cluster_click_flush_ms
+        .unwrap_or(cluster::clicks::CLICK_FLUSH_MS_DEFAULT);
+    if click_flush_ms < CLUSTER_CLICK_FLUSH_MS_MIN {
+        return Err(invalid(
+            "cluster_click_flush_ms",
+            format!("must be at least {CLUSTER_CLICK_FLUSH_MS_MIN}"),
+        ));
+    }
+    let apply_wait_ms = args
+        .cluster_apply_wait_ms
+        .unwrap_or(cluster::APPLY_WAIT_MS_DEFAULT);
+    if apply_wait_ms == 0 {
+        return Err(invalid("cluster_apply_wait_ms", "must be at least 1"));
+    }
+    Ok(Some(ClusterConfig {
+        nats_urls,
+        stream_name,
+        replicas,
+        shards,
+        shard_set,
+        ready_lag_records_max: args
+            .ready_lag_records_max
+            .unwrap_or(cluster::READY_LAG_RECORDS_MAX_DEFAULT),
+        apply_wait_ms,
+        click_flush_ms,
+    }))
 }
 
 fn read_bounded(path: &Path, bytes_max: u64) -> Result<String, ConfigError> {
@@ -357,6 +542,7 @@ impl ServeConfig {
     }
 
     fn validate(args: ServeArgs) -> Result<ServeConfig, ConfigError> {
+        let cluster = cluster_config(&args)?;
         let data_dir = args
             .data_dir
             .unwrap_or_else(|| PathBuf::from(DATA_DIR_DEFAULT));
@@ -568,6 +754,7 @@ impl ServeConfig {
             },
             click_analytics: !args.no_click_analytics,
             hyper_only: args.hyper_only,
+            cluster,
         })
     }
 }
@@ -627,5 +814,105 @@ mod tests {
             ..ServeArgs::default()
         }));
         assert!(toml::from_str::<ServeArgs>("no_such_setting = 1").is_err());
+    }
+
+    #[test]
+    fn the_example_config_names_every_setting() {
+        let text = include_str!("../deploy/kurz.toml");
+        let command = <ServeArgs as clap::Args>::augment_args(clap::Command::new("serve"));
+        for arg in command.get_arguments() {
+            let key = arg.get_id().as_str();
+            if key == "config" {
+                continue;
+            }
+            let named = text.lines().any(|line| {
+                line.trim_start_matches(['#', ' '])
+                    .strip_prefix(key)
+                    .is_some_and(|rest| rest.trim_start().starts_with('='))
+            });
+            assert!(named, "deploy/kurz.toml does not mention {key}");
+        }
+    }
+
+    #[test]
+    fn cluster_mode_needs_nats() {
+        let single = ServeConfig::validate(ServeArgs::default()).expect("valid");
+        assert!(single.cluster.is_none(), "single-node mode is the default");
+        let without_nats = ServeConfig::validate(ServeArgs {
+            shard_set: Some(vec![0]),
+            ..ServeArgs::default()
+        });
+        assert!(
+            matches!(
+                &without_nats,
+                Err(ConfigError::Invalid {
+                    name: "shard_set",
+                    ..
+                })
+            ),
+            "{without_nats:?}"
+        );
+        let cluster = ServeConfig::validate(ServeArgs {
+            nats: Some(vec!["nats://a:4222".into(), " nats://b:4222 ".into()]),
+            shards: Some(4),
+            shard_set: Some(vec![1, 3]),
+            ..ServeArgs::default()
+        })
+        .expect("valid")
+        .cluster
+        .expect("cluster mode");
+        assert_eq!(cluster.nats_urls, ["nats://a:4222", "nats://b:4222"]);
+        assert_eq!(cluster.replicas, crate::cluster::REPLICAS_DEFAULT);
+        let options = cluster.options(Path::new("/d"));
+        assert_eq!((options.shards, options.shard_set), (4, vec![1, 3]));
+    }
+
+    #[test]
+    fn refuses_bad_cluster_settings() {
+        let nats = || Some(vec!["nats://a:4222".to_owned()]);
+        let refused = |args: ServeArgs| match ServeConfig::validate(args) {
+            Err(ConfigError::Invalid { name, .. }) => name,
+            other => panic!("expected a refusal, got {other:?}"),
+        };
+        assert_eq!(
+            refused(ServeArgs {
+                nats: nats(),
+                shards: Some(2),
+                shard_set: Some(vec![2]),
+                ..ServeArgs::default()
+            }),
+            "shard_set"
+        );
+        assert_eq!(
+            refused(ServeArgs {
+                nats: nats(),
+                shards: Some(0),
+                ..ServeArgs::default()
+            }),
+            "shards"
+        );
+        assert_eq!(
+            refused(ServeArgs {
+                nats: Some(vec![" ".into()]),
+                ..ServeArgs::default()
+            }),
+            "nats"
+        );
+        assert_eq!(
+            refused(ServeArgs {
+                nats: nats(),
+                nats_replicas: Some(0),
+                ..ServeArgs::default()
+            }),
+            "nats_replicas"
+        );
+        assert_eq!(
+            refused(ServeArgs {
+                nats: nats(),
+                nats_stream: Some("a.b".into()),
+                ..ServeArgs::default()
+            }),
+            "nats_stream"
+        );
     }
 }

@@ -6,7 +6,7 @@
 pub mod analytics;
 /// API keys: the hashed keys file and `kurz keys`.
 pub mod auth;
-/// Cluster mode: many nodes following one NATS JetStream stream (library; not yet in `serve`).
+/// Cluster mode: many nodes following one NATS JetStream stream (`kurz serve --nats`).
 pub mod cluster;
 /// `kurz serve` settings: flags, `KURZ_*` environment and TOML file into one `ServeConfig`.
 pub mod config;
@@ -20,6 +20,8 @@ pub mod http;
 pub mod links;
 /// The Prometheus registry.
 pub mod metrics;
+/// The link service: the one write path of the API, over the local store or a cluster node.
+pub mod service;
 /// Link data: mapped snapshot, overlay, WAL, recovery, snapshot cycle.
 pub mod store;
 /// Background threads at a lower priority than the redirect workers.

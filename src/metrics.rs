@@ -46,9 +46,9 @@ const ROUTES: [(Route, &str); 16] = [
 ];
 
 /// The statuses counted one by one; any other lands in the last slot, labelled "other".
-const STATUSES: [u16; 22] = [
-    200, 201, 204, 301, 302, 307, 308, 400, 401, 403, 404, 405, 409, 410, 413, 415, 429, 431, 500,
-    503, 504, 0,
+const STATUSES: [u16; 23] = [
+    200, 201, 204, 301, 302, 307, 308, 400, 401, 403, 404, 405, 409, 410, 413, 415, 421, 429, 431,
+    500, 503, 504, 0,
 ];
 
 /// Upper bounds of the redirect latency buckets, in microseconds.
@@ -84,6 +84,20 @@ pub struct StoreGauges {
     pub clicks_total: u64,
     /// The click analytics pipeline's counters (zero until it runs).
     pub analytics: crate::analytics::pipeline::PipelineCounters,
+    /// Cluster mode only.
+    pub cluster: Option<ClusterGauges>,
+}
+
+/// A cluster node's place in the link stream.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ClusterGauges {
+    pub applied_seq: u64,
+    /// `u64::MAX` until the follower first subscribed.
+    pub lag_records: u64,
+    pub following: bool,
+    /// Whether /readyz says 200.
+    pub serving: bool,
+    pub clicks_folded_seq: u64,
 }
 
 pub struct Metrics {
@@ -310,7 +324,45 @@ impl Metrics {
             "# HELP kurz_clicks_total Redirects served since start-up.\n# TYPE kurz_clicks_total counter\nkurz_clicks_total {}",
             gauges.clicks_total
         );
+        if let Some(cluster) = &gauges.cluster {
+            render_cluster(&mut out, cluster);
+        }
         out
+    }
+}
+
+fn render_cluster(out: &mut String, cluster: &ClusterGauges) {
+    let lag_records = match cluster.lag_records {
+        u64::MAX => "NaN".to_owned(),
+        lag_records => lag_records.to_string(),
+    };
+    let gauges: [(&str, &str, String); 4] = [
+        (
+            "kurz_cluster_applied_seq",
+            "Link stream sequence this node has applied up to.",
+            cluster.applied_seq.to_string(),
+        ),
+        (
+            "kurz_cluster_lag_records",
+            "Records of this node's shards in the link stream and not applied yet (NaN before the first subscription).",
+            lag_records,
+        ),
+        (
+            "kurz_cluster_following",
+            "1 while the node has a live consumer on the link stream.",
+            u8::from(cluster.following).to_string(),
+        ),
+        (
+            "kurz_cluster_clicks_folded_seq",
+            "Clicks stream sequence this node has folded up to.",
+            cluster.clicks_folded_seq.to_string(),
+        ),
+    ];
+    for (name, help, value) in gauges {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+        );
     }
 }
 
@@ -332,5 +384,21 @@ mod tests {
         assert!(text.contains("kurz_redirect_latency_seconds_bucket{le=\"0.00001\"} 1\n"));
         assert!(text.contains("kurz_redirect_latency_seconds_bucket{le=\"+Inf\"} 2\n"));
         assert!(text.contains("kurz_ready 0\n"));
+        assert!(
+            !text.contains("kurz_cluster_"),
+            "cluster gauges only in cluster mode"
+        );
+        let cluster = metrics.render(&StoreGauges {
+            cluster: Some(ClusterGauges {
+                applied_seq: 42,
+                lag_records: u64::MAX,
+                following: true,
+                ..ClusterGauges::default()
+            }),
+            ..StoreGauges::default()
+        });
+        assert!(cluster.contains("kurz_cluster_applied_seq 42\n"));
+        assert!(cluster.contains("kurz_cluster_lag_records NaN\n"));
+        assert!(cluster.contains("kurz_cluster_following 1\n"));
     }
 }

@@ -249,6 +249,31 @@ pub enum Bootstrap {
     Empty,
 }
 
+/// Whether a node should get traffic ([`ClusterNode::readiness`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Readiness {
+    Ready,
+    /// Within the lag bound when it last heard from the stream, but not following it now (NATS
+    /// unreachable, or a failover in progress): lookups answer from what was applied; writes
+    /// fail.
+    Disconnected,
+    /// The follower has not subscribed to the stream yet.
+    Starting,
+    Lagging {
+        lag_records: u64,
+        lag_records_max: u64,
+    },
+    /// The follower stopped for good at a record it cannot decode.
+    Failed(String),
+}
+
+impl Readiness {
+    /// Whether a load balancer should send this node traffic.
+    pub fn serves(&self) -> bool {
+        matches!(self, Readiness::Ready | Readiness::Disconnected)
+    }
+}
+
 /// State the follower task shares with the node.
 struct Shared {
     store: Store,
@@ -427,6 +452,36 @@ impl ClusterNode {
             .lock()
             .map(|failed| failed.clone())
             .unwrap_or_else(|poisoned| poisoned.into_inner().clone())
+    }
+
+    /// Whether this node should get traffic, and if not, why. Unlike [`ClusterNode::ready`], a
+    /// node that was caught up and then lost its consumer (NATS unreachable, a failover) stays
+    /// ready: it serves what it has applied, which beats every node of a cluster whose NATS is
+    /// down answering 503.
+    pub fn readiness(&self) -> Readiness {
+        if let Some(reason) = self.follower_error() {
+            return Readiness::Failed(reason);
+        }
+        let lag_records = self.lag_records();
+        if lag_records == u64::MAX {
+            return Readiness::Starting;
+        }
+        if lag_records > self.options.ready_lag_records_max {
+            return Readiness::Lagging {
+                lag_records,
+                lag_records_max: self.options.ready_lag_records_max,
+            };
+        }
+        if self.following() {
+            Readiness::Ready
+        } else {
+            Readiness::Disconnected
+        }
+    }
+
+    /// Whether the follower has a live consumer on the link stream right now.
+    pub fn following(&self) -> bool {
+        self.shared.following.load(Ordering::Relaxed)
     }
 
     /// Following the stream, and at most `ready_lag_records_max` records behind.

@@ -1,7 +1,9 @@
 //! The admin listener: `/metrics` (Prometheus text), `POST /admin/snapshot`, `POST /admin/reload`,
 //! `GET /admin/info`, plus `/healthz` and `/readyz`. `/admin/*` needs an admin-scope key;
 //! `/metrics` and the health checks are open, because the admin listener is meant for loopback or
-//! a private network. Never served on the public listener.
+//! a private network. In cluster mode a snapshot is also uploaded for new nodes to start from,
+//! and metrics and info report the node's place in the stream. Never served on the public
+//! listener.
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -12,7 +14,9 @@ use serde_json::json;
 use super::api::{principal, require, ApiError};
 use super::{json as json_response, text, App, Response};
 use crate::auth::Scope;
-use crate::metrics::{Route, StoreGauges};
+use crate::cluster::{Bootstrap, ClusterError};
+use crate::metrics::{ClusterGauges, Route, StoreGauges};
+use crate::service::Cluster;
 use crate::store::StoreError;
 
 /// Answers a request on the admin listener.
@@ -92,8 +96,15 @@ fn gauges(app: &App) -> StoreGauges {
             .analytics()
             .map(|analytics| analytics.counters(crate::http::now_s()))
             .unwrap_or_default(),
+        cluster: app
+            .links()
+            .and_then(|links| links.cluster())
+            .map(cluster_gauges),
         ..StoreGauges::default()
     };
+    if let Some(cluster) = &gauges.cluster {
+        gauges.ready = cluster.serving;
+    }
     if let Some(wal) = store.wal_stats() {
         use std::sync::atomic::Ordering::Relaxed;
         gauges.wal_last_seq = wal.last_seq.load(Relaxed);
@@ -106,6 +117,17 @@ fn gauges(app: &App) -> StoreGauges {
         gauges.wal_broken = wal.broken.load(Relaxed);
     }
     gauges
+}
+
+fn cluster_gauges(cluster: &Cluster) -> ClusterGauges {
+    let node = &cluster.node;
+    ClusterGauges {
+        applied_seq: node.applied_seq(),
+        lag_records: node.lag_records(),
+        following: node.following(),
+        serving: node.readiness().serves(),
+        clicks_folded_seq: cluster.clicks.folded_seq(),
+    }
 }
 
 fn metrics(app: &App) -> Response {
@@ -161,7 +183,45 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
+/// Cluster mode's snapshot: written at the applied stream sequence and uploaded to the object
+/// store, where new nodes start from.
+async fn snapshot_and_upload(cluster: &Cluster) -> Response {
+    match cluster.node.snapshot_and_upload().await {
+        Ok(upload) => {
+            tracing::info!(
+                "admin: snapshot of {} links covering stream seq {} uploaded as {}",
+                upload.link_count,
+                upload.covered_seq,
+                upload.object_name
+            );
+            json_response(
+                StatusCode::OK,
+                &json!({
+                    "covered_seq": upload.covered_seq,
+                    "link_count": upload.link_count,
+                    "object_name": upload.object_name,
+                    "file_bytes": upload.file_bytes,
+                    "duration_ms": upload.snapshot_ms,
+                    "upload_ms": upload.upload_ms,
+                }),
+            )
+        }
+        Err(ClusterError::Store(error)) => cycle_failed(&error),
+        Err(error) => {
+            tracing::error!("admin: snapshot upload: {error}");
+            super::error_json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "snapshot_failed",
+                &error.to_string(),
+            )
+        }
+    }
+}
+
 async fn snapshot(app: &Arc<App>) -> Response {
+    if let Some(cluster) = app.links().and_then(|links| links.cluster()) {
+        return snapshot_and_upload(cluster).await;
+    }
     match blocking(app, |store| store.snapshot()).await {
         Ok(Some(report)) => {
             tracing::info!(
@@ -187,6 +247,13 @@ async fn snapshot(app: &Arc<App>) -> Response {
 }
 
 async fn reload(app: &Arc<App>) -> Response {
+    if app.config.cluster.is_some() {
+        return super::error_json(
+            StatusCode::CONFLICT,
+            "cluster_mode",
+            "a cluster node takes its snapshots from the cluster: to start from another one, stop the node and start it on an empty --data-dir (it downloads the newest uploaded snapshot)",
+        );
+    }
     match blocking(app, |store| store.reload()).await {
         Ok(Some(header)) => {
             tracing::info!(
@@ -241,6 +308,45 @@ fn info(app: &App) -> Response {
             "resident_bytes": resident_bytes(),
             "uptime_s": app.started_at.elapsed().as_secs(),
             "recovery": recovery,
+            "mode": if app.config.cluster.is_some() { "cluster" } else { "single-node" },
+            "cluster": app.links().and_then(|links| links.cluster()).map(cluster_info),
         }),
     )
+}
+
+fn cluster_info(cluster: &Cluster) -> serde_json::Value {
+    let node = &cluster.node;
+    let bootstrap = match node.bootstrap() {
+        Bootstrap::Resumed { covered_seq } => {
+            json!({ "kind": "resumed", "covered_seq": covered_seq })
+        }
+        Bootstrap::Downloaded {
+            object_name,
+            covered_seq,
+            file_bytes,
+            download_ms,
+        } => json!({
+            "kind": "downloaded",
+            "object_name": object_name,
+            "covered_seq": covered_seq,
+            "file_bytes": file_bytes,
+            "download_ms": download_ms,
+        }),
+        Bootstrap::Empty => json!({ "kind": "empty" }),
+    };
+    let readiness = node.readiness();
+    json!({
+        "nats_urls": cluster.config.nats_urls,
+        "stream": cluster.config.stream_name,
+        "replicas": cluster.config.replicas,
+        "shards": node.shard_set().shards(),
+        "shard_set": node.shard_set().held(),
+        "applied_seq": node.applied_seq(),
+        "lag_records": (node.lag_records() != u64::MAX).then(|| node.lag_records()),
+        "following": node.following(),
+        "readiness": format!("{readiness:?}"),
+        "serving": readiness.serves(),
+        "bootstrap": bootstrap,
+        "clicks_folded_seq": cluster.clicks.folded_seq(),
+    })
 }

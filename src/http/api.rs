@@ -1,7 +1,8 @@
 //! The JSON API under `/api/v1/` (SPEC section 3): create (one or a batch), read, change and
 //! delete links, click totals, and the OpenAPI document. Owns request parsing, authentication and
-//! rate limiting of API calls and the `{"error","code"}` answers; never touches a file, and
-//! acknowledges a write only after the store has.
+//! rate limiting of API calls and the `{"error","code"}` answers; never touches a file, writes
+//! only through the link service (`crate::service`, local store or cluster node alike) and
+//! acknowledges a write only after the service says it is durable.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -23,8 +24,8 @@ use crate::links::codegen::{self, random_code, CodeStrategy};
 use crate::links::lifecycle::{self, Gone};
 use crate::links::validate::{self, LinkError, CODE_BYTES_MAX};
 use crate::metrics::Route;
+use crate::service::WriteError;
 use crate::store::link::{Link, LinkMeta, LinkStatus, RedirectStatus};
-use crate::store::StoreError;
 
 /// Most items in one batch create.
 pub const BATCH_ITEMS_MAX: usize = 1000;
@@ -106,13 +107,71 @@ fn not_ready() -> ApiError {
     )
 }
 
-fn store_failed(error: &StoreError) -> ApiError {
-    tracing::error!("store write failed: {error}");
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "store_unavailable",
-        "the link store cannot take writes right now; nothing was changed",
-    )
+/// The answer to a write the link service refused or failed. Callers handle `CodeTaken` (with
+/// suggestions) and `Busy` (retried) themselves where they can.
+fn write_failed(error: WriteError) -> ApiError {
+    match error {
+        WriteError::CodeTaken(code) => ApiError::new(
+            StatusCode::CONFLICT,
+            "alias_taken",
+            format!("the code {code:?} is taken"),
+        ),
+        WriteError::NotFound(_) => not_found(),
+        WriteError::Busy(_) => ApiError::new(
+            StatusCode::CONFLICT,
+            "busy",
+            "another change to this link is in progress; retry",
+        ),
+        WriteError::InvalidCode(code) => ApiError::bad_request(
+            "invalid_code",
+            format!("{code:?} is not a valid code (1-64 of A-Z a-z 0-9 _ -)"),
+        ),
+        WriteError::WrongShard {
+            code,
+            shard,
+            held,
+            shards,
+        } => ApiError {
+            extra: Some(("shard", json!(shard))),
+            ..ApiError::new(
+                StatusCode::MISDIRECTED_REQUEST,
+                "wrong_shard",
+                format!("code {code:?} is in shard {shard} of {shards} and this node holds shards {held:?}: send the request to a node of shard {shard}'s group"),
+            )
+        },
+        WriteError::Lagging {
+            seq, applied_seq, ..
+        } => {
+            tracing::warn!("write {seq} is durable but this node has applied only {applied_seq}");
+            ApiError {
+                retry_after_s: Some(1),
+                ..ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "node_lagging",
+                    format!("the write is durable in the cluster (log record {seq}) but this node lags behind the log and has not applied it yet; it becomes visible shortly, so read it back rather than repeating it"),
+                )
+            }
+        }
+        WriteError::Store(error) => {
+            tracing::error!("store write failed: {error}");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                "the link store cannot take writes right now; nothing was changed",
+            )
+        }
+        WriteError::Cluster(error) => {
+            tracing::error!("cluster write failed: {error}");
+            ApiError {
+                retry_after_s: Some(1),
+                ..ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "cluster_unavailable",
+                    "NATS JetStream cannot take writes right now; retry (a retried create answers 409 if the first attempt did land)",
+                )
+            }
+        }
+    }
 }
 
 fn not_found() -> ApiError {
@@ -471,17 +530,23 @@ fn is_reserved(app: &App, code: &str) -> bool {
         .any(|word| word.eq_ignore_ascii_case(code))
 }
 
-/// Free codes close to a taken alias: `alias-1`.. first, then random suffixes.
+/// Free codes close to a taken alias that this node takes writes for: `alias-1`.. first, then
+/// random suffixes.
 fn suggestions(app: &App, alias: &str) -> Vec<String> {
-    let Some(store) = app.store() else {
+    let Some(links) = app.links() else {
         return Vec::new();
     };
+    let store = links.store();
     let base: String = alias.chars().take(CODE_BYTES_MAX - 5).collect();
     let numbered = (1..=9).map(|n| format!("{base}-{n}"));
     let random = (0..SUGGESTION_DRAWS_MAX).map(|_| format!("{base}-{}", random_code(3)));
     numbered
         .chain(random)
-        .filter(|code| !is_reserved(app, code) && store.lookup(code, |link| link.is_none()))
+        .filter(|code| {
+            !is_reserved(app, code)
+                && links.holds(code)
+                && store.lookup(code, |link| link.is_none())
+        })
         .take(SUGGESTIONS_MAX)
         .collect()
 }
@@ -512,28 +577,28 @@ fn reusable(app: &App, code: &str, long_url: &str) -> Option<Link> {
     (link.long_url == long_url && lifecycle::check(&link.meta, now_s()).is_ok()).then_some(link)
 }
 
-/// Stores `link` under `alias`, or under a fresh generated code; returns the stored link once
-/// the store says it is durable.
+/// Stores `link` under `alias`, or under a fresh generated code this node holds; returns the
+/// stored link once the link service says it is durable.
 async fn insert(
     app: &App,
     mut link: Link,
     alias: Option<String>,
     reuse: bool,
 ) -> Result<Inserted, ApiError> {
-    let store = app.store().ok_or_else(not_ready)?;
+    let links = app.links().ok_or_else(not_ready)?;
     if let Some(alias) = alias {
         link.code = alias;
         for _ in 0..BUSY_RETRIES_MAX {
-            match store.create(link.clone()).await {
-                Ok(_) => {
+            match links.create(link.clone()).await {
+                Ok(()) => {
                     return Ok(Inserted {
                         link,
                         reused: false,
                     })
                 }
-                Err(StoreError::Busy(_)) => busy_pause().await,
-                Err(StoreError::CodeTaken(_)) => break,
-                Err(error) => return Err(store_failed(&error)),
+                Err(WriteError::Busy(_)) => busy_pause().await,
+                Err(WriteError::CodeTaken(_)) => break,
+                Err(error) => return Err(write_failed(error)),
             }
         }
         return Err(ApiError {
@@ -547,19 +612,21 @@ async fn insert(
     }
     let reuse = reuse && app.config.code_strategy == CodeStrategy::Hash;
     let mut code_len = app.config.code_len;
-    for draw in 0..CODE_DRAWS_MAX {
+    let mut collisions = 0;
+    // Codes of shards other nodes hold are skipped without counting as collisions.
+    for draw in 0..CODE_DRAWS_MAX * links.draws_per_held_code() {
         link.code = candidate(app, &link, draw, code_len);
-        if is_reserved(app, &link.code) {
+        if is_reserved(app, &link.code) || !links.holds(&link.code) {
             continue;
         }
-        match store.create(link.clone()).await {
-            Ok(_) => {
+        match links.create(link.clone()).await {
+            Ok(()) => {
                 return Ok(Inserted {
                     link,
                     reused: false,
                 })
             }
-            Err(StoreError::CodeTaken(_)) if reuse => {
+            Err(WriteError::CodeTaken(_)) if reuse => {
                 if let Some(existing) = reusable(app, &link.code, &link.long_url) {
                     return Ok(Inserted {
                         link: existing,
@@ -567,10 +634,14 @@ async fn insert(
                     });
                 }
             }
-            Err(StoreError::Busy(_) | StoreError::CodeTaken(_)) => {}
-            Err(error) => return Err(store_failed(&error)),
+            Err(WriteError::Busy(_) | WriteError::CodeTaken(_)) => {}
+            Err(error) => return Err(write_failed(error)),
         }
-        if (draw + 1) % CODE_DRAWS_PER_LENGTH == 0 {
+        collisions += 1;
+        if collisions == CODE_DRAWS_MAX {
+            break;
+        }
+        if collisions % CODE_DRAWS_PER_LENGTH == 0 {
             code_len = (code_len + 1).min(CODE_BYTES_MAX);
         }
     }
@@ -715,7 +786,7 @@ fn require_key(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
 }
 
 fn link_body(app: &App, link: &Link) -> Value {
-    let clicks = app.clicks.stats(&link.code);
+    let clicks = app.click_stats(&link.code);
     json!({
         "short_code": link.code,
         "short_url": short_url(app, &link.code),
@@ -825,7 +896,7 @@ fn stats<B>(app: &App, request: &Request<B>, code: &str) -> Result<Response, Api
         .and_then(|analytics| analytics.stats(&link.code, query, now_s))
         .unwrap_or_else(|| LinkStats::no_clicks(query, now_s))
         .map_err(|error| bad_query(error.to_string()))?;
-    let clicks = app.clicks.stats(&link.code);
+    let clicks = app.click_stats(&link.code);
     let step_s = query.granularity.seconds();
     Ok(json_response(
         StatusCode::OK,
@@ -1006,31 +1077,26 @@ fn apply(current: &Link, change: Change, now: i64) -> Result<Link, Gone> {
     Ok(link)
 }
 
-/// Runs `store.update` with `change`, retrying while another write on the code is in flight.
+/// Runs the link service's update with `change`, retrying while another write on the code is
+/// in flight.
 async fn update(app: &App, code: &str, change: Change) -> Result<Link, ApiError> {
-    let store = app.store().ok_or_else(not_ready)?;
+    let links = app.links().ok_or_else(not_ready)?;
     if !validate::is_code(code) {
         return Err(not_found());
     }
     for _ in 0..BUSY_RETRIES_MAX {
         let now = now_s();
-        let attempt = change.clone();
-        match store
-            .update(code, |current| apply(current, attempt, now))
+        match links
+            .update(code, |current| apply(current, change.clone(), now))
             .await
         {
             Ok(Ok(link)) => return Ok(link),
             Ok(Err(refusal)) => return Err(gone(refusal)),
-            Err(StoreError::NotFound(_)) => return Err(not_found()),
-            Err(StoreError::Busy(_)) => busy_pause().await,
-            Err(error) => return Err(store_failed(&error)),
+            Err(WriteError::Busy(_)) => busy_pause().await,
+            Err(error) => return Err(write_failed(error)),
         }
     }
-    Err(ApiError::new(
-        StatusCode::CONFLICT,
-        "busy",
-        "another change to this link is in progress; retry",
-    ))
+    Err(write_failed(WriteError::Busy(code.to_owned())))
 }
 
 async fn patch_url(

@@ -1,6 +1,7 @@
 //! The HTTP layer: listeners and connections (`server`), the redirect hot path (`redirect`), the
 //! JSON API (`api`), the admin listener (`admin`), and the shared state they all answer from
-//! ([`App`]). Turns requests into calls on `links` and the store; never touches a data file.
+//! ([`App`]). Turns requests into calls on `links`, the link service (writes) and the store
+//! (reads); never touches a data file.
 
 pub mod admin;
 pub mod api;
@@ -18,11 +19,13 @@ use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::StatusCode;
 
 use crate::analytics::pipeline::{ClickEvent, ClickPipeline, HEADER_BYTES_MAX};
-use crate::analytics::ClickCounters;
+use crate::analytics::{ClickCounters, ClickStats};
 use crate::auth::{AuthError, Keys};
+use crate::cluster::{ClusterError, Readiness};
 use crate::config::{ConfigError, ServeConfig};
 use crate::links::codegen::CounterCodes;
 use crate::metrics::Metrics;
+use crate::service::LinkService;
 use crate::store::{Store, StoreError};
 use ratelimit::RateLimiter;
 
@@ -44,6 +47,8 @@ pub enum ServeError {
     Runtime(std::io::Error),
     #[error("cannot open the store: {0}")]
     Store(#[from] StoreError),
+    #[error("cannot join the cluster: {0}")]
+    Cluster(#[from] ClusterError),
     #[error(transparent)]
     Clicks(#[from] crate::analytics::ClicksError),
     #[error(transparent)]
@@ -57,8 +62,9 @@ pub enum ServeError {
 /// Everything a request handler may use. Shared by all connections of both listeners.
 pub struct App {
     pub config: ServeConfig,
-    /// Set once the store is open and the WAL replayed; until then /readyz and data calls say 503.
-    store: OnceLock<Store>,
+    /// Set once the store is open and the WAL replayed (single-node) or the node has joined the
+    /// cluster; until then /readyz and data calls say 503.
+    links: OnceLock<LinkService>,
     /// The click analytics pipeline, set when the store opens.
     analytics: OnceLock<ClickPipeline>,
     pub clicks: ClickCounters,
@@ -81,7 +87,7 @@ impl App {
             limiter: RateLimiter::new(config.rate_limit_per_s, config.rate_limit_burst),
             counter: CounterCodes::new(config.counter_node_id, config.counter_permuted),
             config,
-            store: OnceLock::new(),
+            links: OnceLock::new(),
             analytics: OnceLock::new(),
             clicks: ClickCounters::default(),
             metrics: Metrics::default(),
@@ -91,15 +97,50 @@ impl App {
         }
     }
 
-    /// The store, once it is open.
+    /// The store every read goes to, once it is open (in cluster mode: the node's follower
+    /// store).
     pub fn store(&self) -> Option<&Store> {
-        self.store.get()
+        self.links.get().map(LinkService::store)
     }
 
-    /// Hands the store over once it is open; returns false (and drops `store`) if one was
-    /// set before.
-    pub fn set_store(&self, store: Store) -> bool {
-        self.store.set(store).is_ok()
+    /// The link service every write goes through, once the store is open.
+    pub fn links(&self) -> Option<&LinkService> {
+        self.links.get()
+    }
+
+    /// Hands the link service over once its store is open; returns false (and drops `links`)
+    /// if one was set before.
+    pub fn set_links(&self, links: LinkService) -> bool {
+        self.links.set(links).is_ok()
+    }
+
+    /// The cap a click on `code` is judged against by this node's counters, which count only
+    /// this node's clicks: the link's cap less the clicks the rest of the cluster has served, as
+    /// far as this node has heard (cluster mode), else the cap itself.
+    pub fn click_cap(&self, code: &str, cap: Option<u64>) -> Option<u64> {
+        let cap = cap?;
+        match self.links.get().and_then(LinkService::cluster) {
+            None => Some(cap),
+            Some(cluster) => Some(cap.saturating_sub(cluster.clicks.elsewhere(code))),
+        }
+    }
+
+    /// Clicks of `code`: this node's exact count, or in cluster mode the whole cluster's total
+    /// as far as this node has heard (`last_clicked_at` stays this node's).
+    pub fn click_stats(&self, code: &str) -> ClickStats {
+        let local = self.clicks.stats(code);
+        match self.links.get().and_then(LinkService::cluster) {
+            None => local,
+            Some(cluster) => ClickStats {
+                clicks: cluster.clicks.total(code),
+                ..local
+            },
+        }
+    }
+
+    /// Whether `code` belongs to a shard this node does not hold (cluster mode with shards).
+    pub fn misdirected(&self, code: &str) -> bool {
+        self.links.get().is_some_and(|links| !links.holds(code))
     }
 
     /// The click analytics pipeline, once it runs.
@@ -112,14 +153,17 @@ impl App {
         self.analytics.set(pipeline).is_ok()
     }
 
-    /// Takes the store and the analytics pipeline back for closing.
-    pub fn into_parts(self) -> (Option<Store>, Option<ClickPipeline>) {
-        (self.store.into_inner(), self.analytics.into_inner())
+    /// Takes the link service and the analytics pipeline back for closing.
+    pub fn into_parts(self) -> (Option<LinkService>, Option<ClickPipeline>) {
+        (self.links.into_inner(), self.analytics.into_inner())
     }
 
     /// Hands a served click to the analytics pipeline without blocking (a no-op until it runs).
     /// Copies at most [`HEADER_BYTES_MAX`] of each header.
     pub fn record_click(&self, code: &str, now_s: i64, click: &redirect::ClickContext<'_>) {
+        if let Some(links) = self.links.get() {
+            links.record_click(code);
+        }
         let Some(pipeline) = self.analytics.get() else {
             return;
         };
@@ -225,13 +269,35 @@ pub fn healthz() -> Response {
     text(StatusCode::OK, "ok\n")
 }
 
-/// `/readyz`: 200 once the store is open and the WAL replayed, 503 before.
+/// `/readyz`: 200 once the store is open and the WAL replayed, 503 before. In cluster mode, 503
+/// also while the node lags the stream by more than its bound or its follower failed; a node
+/// cut off from NATS stays ready and serves what it has applied (see [`Readiness`]).
 pub fn readyz(app: &App) -> Response {
-    match app.store() {
-        Some(_) => text(StatusCode::OK, "ready\n"),
-        None => text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: the store is opening\n",
+    let unavailable = |reason: String| text(StatusCode::SERVICE_UNAVAILABLE, reason);
+    let Some(links) = app.links() else {
+        return unavailable(match app.config.cluster {
+            None => "not ready: the store is opening\n".into(),
+            Some(_) => "not ready: joining the cluster (connecting to NATS)\n".into(),
+        });
+    };
+    let Some(cluster) = links.cluster() else {
+        return text(StatusCode::OK, "ready\n");
+    };
+    match cluster.node.readiness() {
+        Readiness::Ready => text(StatusCode::OK, "ready\n"),
+        Readiness::Disconnected => text(
+            StatusCode::OK,
+            "ready: not following the link stream right now (NATS unreachable?); serving what was applied, writes fail\n",
         ),
+        Readiness::Starting => unavailable("not ready: subscribing to the link stream\n".into()),
+        Readiness::Lagging {
+            lag_records,
+            lag_records_max,
+        } => unavailable(format!(
+            "not ready: {lag_records} records behind the link stream (the bound is {lag_records_max})\n"
+        )),
+        Readiness::Failed(reason) => {
+            unavailable(format!("not ready: the stream follower stopped: {reason}\n"))
+        }
     }
 }

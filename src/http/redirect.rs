@@ -24,6 +24,8 @@ pub enum Verdict<'a> {
     /// The store is still opening.
     NotReady,
     NotFound,
+    /// Cluster mode: the code's shard is held by other nodes (the load balancer misrouted it).
+    Misdirected,
     Gone(Gone),
     Redirect {
         status: RedirectStatus,
@@ -48,6 +50,11 @@ impl Verdict<'_> {
             Verdict::NotFound => {
                 Some((StatusCode::NOT_FOUND, "not_found", "no link has this code"))
             }
+            Verdict::Misdirected => Some((
+                StatusCode::MISDIRECTED_REQUEST,
+                "wrong_shard",
+                "this node does not hold the shard of this code; route it to its shard group",
+            )),
             Verdict::Gone(gone) => Some((StatusCode::GONE, gone.code(), gone.message())),
             Verdict::Redirect { .. } => None,
         }
@@ -100,15 +107,21 @@ pub fn decide<R>(
     let now_s = super::now_s();
     store.lookup(code, |link| {
         let Some(link) = link else {
-            return render(Verdict::NotFound);
+            // Only misses pay for the shard check.
+            return render(if app.misdirected(code) {
+                Verdict::Misdirected
+            } else {
+                Verdict::NotFound
+            });
         };
         if let Err(gone) = lifecycle::check(&link.meta, now_s) {
             return render(Verdict::Gone(gone));
         }
+        let cap = app.click_cap(code, link.meta.max_clicks);
         let served = if head {
-            !app.clicks.capped(code, link.meta.max_clicks)
+            !app.clicks.capped(code, cap)
         } else {
-            app.clicks.record(code, link.meta.max_clicks, now_s)
+            app.clicks.record(code, cap, now_s)
         };
         if !served {
             return render(Verdict::Gone(Gone::ClickCapReached));

@@ -1,5 +1,6 @@
-//! Listeners and connections: binds the public and admin listeners, opens the store in the
-//! background (so /healthz answers at once and /readyz says 503 until recovery is done), serves
+//! Listeners and connections: binds the public and admin listeners, opens the store (or, in
+//! cluster mode, joins the cluster) in the background (so /healthz answers at once and /readyz
+//! says 503 until recovery is done), serves
 //! HTTP/1.1 with a header-read (and idle) timeout and a cap on open connections per listener, and
 //! shuts down gracefully on SIGTERM/SIGINT: stop accepting, let in-flight requests finish, then
 //! close the store so the WAL is flushed. Never answers a request itself beyond routing.
@@ -25,9 +26,11 @@ use crate::analytics::geo::CountryResolver;
 use crate::analytics::pipeline::{AnalyticsOptions, ClickPipeline};
 use crate::analytics::ClickCounters;
 use crate::auth::Keys;
+use crate::cluster::ClusterError;
 use crate::config::ServeConfig;
 use crate::datafile::{self, ImportOptions};
 use crate::metrics::Route;
+use crate::service::LinkService;
 use crate::store::snapshotter::Snapshotter;
 use crate::store::{Store, StoreOptions};
 use crate::threads;
@@ -44,6 +47,10 @@ const LISTEN_BACKLOG: u32 = 1024;
 const ACCEPT_ERROR_PAUSE_MS: u64 = 50;
 /// How often shutdown checks whether the last request handler has let go of the store.
 const STORE_RELEASE_POLL_MS: u64 = 10;
+/// Pause between attempts at joining the cluster while NATS cannot be reached.
+const CLUSTER_JOIN_RETRY_MS: u64 = 1_000;
+/// How often a cluster node checks whether a snapshot is due.
+const CLUSTER_SNAPSHOT_CHECK_MS: u64 = 1_000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Listener {
@@ -109,24 +116,37 @@ async fn serve(mut config: ServeConfig) -> Result<(), ServeError> {
         Listener::Admin,
         shutdown_rx.clone(),
     ));
-    let checkpoints = match ClickCheckpoints::start(app.clone()) {
-        Ok(checkpoints) => Some(checkpoints),
-        Err(error) => {
-            tracing::error!("click counts will be saved only at shutdown: {error}");
-            None
-        }
+    // A cluster node's counts live in the clicks stream, not in a checkpoint file.
+    let checkpoints = match app.config.cluster {
+        Some(_) => None,
+        None => match ClickCheckpoints::start(app.clone()) {
+            Ok(checkpoints) => Some(checkpoints),
+            Err(error) => {
+                tracing::error!("click counts will be saved only at shutdown: {error}");
+                None
+            }
+        },
     };
-    let opener = {
-        let app = app.clone();
-        tokio::task::spawn_blocking(move || open_store(&app))
+    let mut opener = match app.config.cluster {
+        None => {
+            let app = app.clone();
+            tokio::task::spawn_blocking(move || open_store(&app))
+        }
+        Some(_) => tokio::spawn(join_cluster(app.clone(), shutdown_rx.clone())),
     };
     let signal = shutdown_signal();
     tokio::pin!(signal);
     let mut outcome = Ok(());
     let mut snapshotter = None;
+    let mut cluster_snapshotter = None;
     tokio::select! {
-        () = &mut signal => {}
-        opened = opener => match opened {
+        () = &mut signal => opener.abort(),
+        opened = &mut opener => match opened {
+            Ok(Ok(())) if app.config.cluster.is_some() => {
+                cluster_snapshotter =
+                    Some(tokio::spawn(cluster_snapshots(app.clone(), shutdown_rx.clone())));
+                signal.await
+            }
             Ok(Ok(())) => {
                 let policy = app.config.snapshot_policy;
                 match Snapshotter::start(app.clone(), App::store, policy) {
@@ -141,15 +161,24 @@ async fn serve(mut config: ServeConfig) -> Result<(), ServeError> {
     }
     tracing::info!("shutting down: no new connections; waiting for in-flight requests");
     let _ = shutdown_tx.send(true);
-    for task in [public_task, admin_task] {
+    for task in [public_task, admin_task]
+        .into_iter()
+        .chain(cluster_snapshotter)
+    {
         if let Err(error) = task.await {
-            tracing::error!("listener task failed: {error}");
+            tracing::error!("listener or snapshot task failed: {error}");
         }
     }
     if let Some(checkpoints) = checkpoints {
         checkpoints.stop().await;
     }
-    if app.store().is_some() {
+    // Aborted above if the signal came first; it holds the app until it has ended.
+    if let Err(error) = opener.await {
+        if !error.is_cancelled() {
+            tracing::error!("the store opener failed: {error}");
+        }
+    }
+    if app.store().is_some() && app.config.cluster.is_none() {
         // Only once the store (and with it the last checkpoint) was read, or the counts of the
         // previous run would be overwritten.
         let app = app.clone();
@@ -195,19 +224,16 @@ async fn close_store(mut app: Arc<App>, grace: Duration) {
     loop {
         match Arc::try_unwrap(app) {
             Ok(app) => {
-                let (store, analytics) = app.into_parts();
-                let closed = tokio::task::spawn_blocking(move || {
-                    if let Some(analytics) = analytics {
-                        analytics.shutdown();
-                        tracing::info!("click analytics flushed and checkpointed");
+                let (links, analytics) = app.into_parts();
+                if let Some(analytics) = analytics {
+                    let flushed = tokio::task::spawn_blocking(move || analytics.shutdown()).await;
+                    match flushed {
+                        Ok(()) => tracing::info!("click analytics flushed and checkpointed"),
+                        Err(error) => tracing::error!("closing click analytics failed: {error}"),
                     }
-                    if let Some(store) = store {
-                        store.close();
-                        tracing::info!("store closed; WAL flushed");
-                    }
-                });
-                if let Err(error) = closed.await {
-                    tracing::error!("closing the store failed: {error}");
+                }
+                if let Some(links) = links {
+                    links.close().await;
                 }
                 return;
             }
@@ -339,11 +365,97 @@ fn open_store(app: &App) -> Result<(), ServeError> {
     if config.click_analytics {
         start_analytics(app)?;
     }
-    if !app.set_store(store) {
+    if !app.set_links(LinkService::local(store)) {
         tracing::error!("the store was opened twice; keeping the first");
     }
     tracing::info!("ready");
     Ok(())
+}
+
+/// Cluster mode's start-up: joins the cluster (retrying while NATS cannot be reached, so a node
+/// started before its NATS servers waits for them with /readyz at 503), starts click analytics
+/// and hands the link service to the app. Other failures (a data dir of another stream, a
+/// misconfigured stream) stop the server with the error.
+async fn join_cluster(
+    app: Arc<App>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ServeError> {
+    let Some(cluster) = &app.config.cluster else {
+        return Err(ServeError::Opener("join_cluster without --nats".into()));
+    };
+    let links = loop {
+        match LinkService::join_cluster(cluster, &app.config.data_dir).await {
+            Ok(links) => break links,
+            Err(error @ (ClusterError::Connect { .. } | ClusterError::Nats { .. })) => {
+                tracing::warn!("joining the cluster: {error}; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(CLUSTER_JOIN_RETRY_MS)) => {}
+                    () = stopped(&mut shutdown) => return Ok(()),
+                }
+            }
+            Err(error) => return Err(error.into()),
+        }
+    };
+    if let Some(node) = links.cluster().map(|cluster| &cluster.node) {
+        tracing::info!(
+            "joined the cluster: stream {}, shards {:?} of {}, bootstrap {:?}",
+            cluster.stream_name,
+            node.shard_set().held(),
+            node.shard_set().shards(),
+            node.bootstrap()
+        );
+    }
+    if app.config.click_analytics {
+        let app = app.clone();
+        tokio::task::spawn_blocking(move || start_analytics(&app))
+            .await
+            .map_err(|error| ServeError::Opener(error.to_string()))??;
+    }
+    if !app.set_links(links) {
+        tracing::error!("the cluster was joined twice; keeping the first");
+    }
+    tracing::info!("ready");
+    Ok(())
+}
+
+/// Cluster mode's snapshot policy: once enough stream records were applied since the snapshot,
+/// or it is old enough and anything was applied, write a snapshot at the applied sequence and
+/// upload it for new nodes to start from. The stream sequence counts every shard's records, so
+/// a node holding some shards snapshots somewhat early.
+async fn cluster_snapshots(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
+    let policy = app.config.snapshot_policy;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(CLUSTER_SNAPSHOT_CHECK_MS)) => {}
+            () = stopped(&mut shutdown) => return,
+        }
+        let Some(cluster) = app.links().and_then(LinkService::cluster) else {
+            continue;
+        };
+        let header = cluster.node.store().snapshot_header();
+        let records_since = cluster
+            .node
+            .applied_seq()
+            .saturating_sub(header.covered_seq);
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_millis() as u64);
+        let age = Duration::from_millis(now_ms.saturating_sub(header.written_at_ms));
+        if !policy.due(records_since, age) {
+            continue;
+        }
+        match cluster.node.snapshot_and_upload().await {
+            Ok(upload) => tracing::info!(
+                "snapshot of {} links covering stream seq {} uploaded as {} ({} ms + {} ms)",
+                upload.link_count,
+                upload.covered_seq,
+                upload.object_name,
+                upload.snapshot_ms,
+                upload.upload_ms
+            ),
+            Err(error) => tracing::warn!("automatic snapshot: {error}; retrying later"),
+        }
+    }
 }
 
 /// Starts the click analytics pipeline (recovering its checkpoint and logs) and hands it to the app.
