@@ -479,14 +479,19 @@ impl ClusterNode {
         }
     }
 
-    /// Whether the follower has a live consumer on the link stream right now.
+    /// Whether the follower has a consumer on the link stream and the NATS connection is up
+    /// right now (a consumer can outlive its connection without an error for a while).
     pub fn following(&self) -> bool {
         self.shared.following.load(Ordering::Relaxed)
+            && matches!(
+                self.jetstream.client().connection_state(),
+                async_nats::connection::State::Connected
+            )
     }
 
     /// Following the stream, and at most `ready_lag_records_max` records behind.
     pub fn ready(&self) -> bool {
-        self.shared.following.load(Ordering::Relaxed)
+        self.following()
             && self.lag_records() <= self.options.ready_lag_records_max
             && self.follower_error().is_none()
     }

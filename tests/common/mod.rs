@@ -10,6 +10,7 @@ use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant};
 
 pub mod mmdb;
+pub mod nats;
 
 pub const START_TIMEOUT: Duration = Duration::from_secs(20);
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -214,9 +215,14 @@ impl Reply {
 /// Sends raw bytes on a fresh connection and returns everything the server sends back until it
 /// closes the connection.
 pub fn raw(addr: SocketAddr, bytes: &[u8]) -> std::io::Result<Vec<u8>> {
+    raw_waiting(addr, bytes, IO_TIMEOUT)
+}
+
+/// [`raw`] with a read and write timeout of `timeout`, for answers that take long.
+pub fn raw_waiting(addr: SocketAddr, bytes: &[u8], timeout: Duration) -> std::io::Result<Vec<u8>> {
     let mut stream = TcpStream::connect(addr)?;
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
     // The server may answer and close before it has read everything; that is fine.
     let _ = stream.write_all(bytes);
     let mut out = Vec::new();
