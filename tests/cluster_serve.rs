@@ -6,7 +6,9 @@
 
 mod common;
 
+use std::io::Read;
 use std::path::Path;
+use std::process::Stdio;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
@@ -250,6 +252,9 @@ fn a_link_created_on_one_node_redirects_from_the_others() {
         b"",
     );
     assert_eq!(reload.status, 409, "a cluster node does not reload by hand");
+    for node in nodes {
+        assert!(node.terminate().success(), "a clean shutdown on SIGTERM");
+    }
 }
 
 #[test]
@@ -469,15 +474,34 @@ fn cluster_flags_without_nats_or_with_a_missing_shard_are_refused() {
             "shard 2 does not exist",
         ),
     ] {
-        let output = common::kurz()
+        let mut child = common::kurz()
             .arg("serve")
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(dir.path())
             .args(&args)
-            .output()
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
             .expect("run kurz serve");
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait for kurz serve") {
+                break status;
+            }
+            if started.elapsed() > CONVERGE_TIMEOUT {
+                // Stopped by its PID: a server that did not refuse the flags runs on.
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{args:?}: kurz serve started instead of refusing the flags");
+            }
+            std::thread::sleep(POLL);
+        };
+        let mut stderr = String::new();
+        if let Some(mut pipe) = child.stderr.take() {
+            pipe.read_to_string(&mut stderr).expect("read stderr");
+        }
+        assert_eq!(status.code(), Some(2), "{args:?}: {stderr}");
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
 }

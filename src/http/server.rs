@@ -139,25 +139,29 @@ async fn serve(mut config: ServeConfig) -> Result<(), ServeError> {
     let mut outcome = Ok(());
     let mut snapshotter = None;
     let mut cluster_snapshotter = None;
+    let mut opener_running = true;
     tokio::select! {
-        () = &mut signal => opener.abort(),
-        opened = &mut opener => match opened {
-            Ok(Ok(())) if app.config.cluster.is_some() => {
-                cluster_snapshotter =
-                    Some(tokio::spawn(cluster_snapshots(app.clone(), shutdown_rx.clone())));
-                signal.await
-            }
-            Ok(Ok(())) => {
-                let policy = app.config.snapshot_policy;
-                match Snapshotter::start(app.clone(), App::store, policy) {
-                    Ok(started) => snapshotter = Some(started),
-                    Err(error) => tracing::error!("automatic snapshots are off: {error}"),
+        () = &mut signal => {}
+        opened = &mut opener => {
+            opener_running = false;
+            match opened {
+                Ok(Ok(())) if app.config.cluster.is_some() => {
+                    cluster_snapshotter =
+                        Some(tokio::spawn(cluster_snapshots(app.clone(), shutdown_rx.clone())));
+                    signal.await
                 }
-                signal.await
+                Ok(Ok(())) => {
+                    let policy = app.config.snapshot_policy;
+                    match Snapshotter::start(app.clone(), App::store, policy) {
+                        Ok(started) => snapshotter = Some(started),
+                        Err(error) => tracing::error!("automatic snapshots are off: {error}"),
+                    }
+                    signal.await
+                }
+                Ok(Err(error)) => outcome = Err(error),
+                Err(error) => outcome = Err(ServeError::Opener(error.to_string())),
             }
-            Ok(Err(error)) => outcome = Err(error),
-            Err(error) => outcome = Err(ServeError::Opener(error.to_string())),
-        },
+        }
     }
     tracing::info!("shutting down: no new connections; waiting for in-flight requests");
     let _ = shutdown_tx.send(true);
@@ -172,10 +176,14 @@ async fn serve(mut config: ServeConfig) -> Result<(), ServeError> {
     if let Some(checkpoints) = checkpoints {
         checkpoints.stop().await;
     }
-    // Aborted above if the signal came first; it holds the app until it has ended.
-    if let Err(error) = opener.await {
-        if !error.is_cancelled() {
-            tracing::error!("the store opener failed: {error}");
+    // Still opening when the signal came: it holds the app until it has ended (a blocking
+    // store open runs to its end; joining the cluster stops at once).
+    if opener_running {
+        opener.abort();
+        if let Err(error) = opener.await {
+            if !error.is_cancelled() {
+                tracing::error!("the store opener failed: {error}");
+            }
         }
     }
     if app.store().is_some() && app.config.cluster.is_none() {
