@@ -169,6 +169,13 @@ fn an_idle_keep_alive_connection_is_closed_after_the_timeout() {
     let mut slow = KeepAlive::connect(server.public);
     slow.send(b"GET /rust HTTP/1.1\r\n");
     assert!(slow.closed_by_server(), "an unfinished head is cut off too");
+    // The timeout counts from the last request, not from the connection's start.
+    let mut busy = KeepAlive::connect(server.public);
+    for _ in 0..12 {
+        assert_eq!(busy.request("GET", "/rust", &[]).status, 302);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(busy.closed_by_server(), "and it still applies afterwards");
 }
 
 #[test]

@@ -12,7 +12,7 @@ use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use hyper::StatusCode;
@@ -113,6 +113,11 @@ pub async fn serve(
     // takes no lock that other connections share.
     let stopped = stop.notified();
     tokio::pin!(stopped);
+    // One timer per connection, moved lazily: it fires at a deadline that may since have moved
+    // on, and is then set to the current one. A request costs no timer-wheel update; the
+    // wheel sees one per `timeout` per connection.
+    let alarm = tokio::time::sleep(timeout);
+    tokio::pin!(alarm);
     loop {
         while !buf.is_empty() {
             match step(app, peer, &buf, head_bytes_max, &mut out) {
@@ -140,24 +145,40 @@ pub async fn serve(
         }
         let deadline = *head_deadline.get_or_insert_with(|| tokio::time::Instant::now() + timeout);
         buf.reserve(READ_CHUNK_BYTES);
-        let read = tokio::select! {
-            read = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)) => read,
-            () = &mut stopped, if buf.is_empty() => return None,
+        let read = loop {
+            tokio::select! {
+                biased;
+                read = stream.read_buf(&mut buf) => break read,
+                () = &mut stopped, if buf.is_empty() => return None,
+                () = &mut alarm => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return None;
+                    }
+                    alarm.as_mut().reset(deadline);
+                }
+            }
         };
         match read {
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return None,
-            Ok(Ok(_)) => {}
+            Ok(0) | Err(_) => return None,
+            Ok(_) => {}
         }
     }
 }
 
 /// Writes `bytes`, giving a client that does not read its responses `timeout` to make room;
-/// false means the connection is done.
+/// false means the connection is done. Tries once without a timer: a response nearly always
+/// fits the socket's buffer.
 async fn write_all(stream: &mut TcpStream, bytes: &[u8], timeout: Duration) -> bool {
-    matches!(
-        tokio::time::timeout(timeout, stream.write_all(bytes)).await,
-        Ok(Ok(()))
-    )
+    let written = match stream.try_write(bytes) {
+        Ok(written) => written,
+        Err(error) if error.kind() == io::ErrorKind::WouldBlock => 0,
+        Err(_) => return false,
+    };
+    written == bytes.len()
+        || matches!(
+            tokio::time::timeout(timeout, stream.write_all(&bytes[written..])).await,
+            Ok(Ok(()))
+        )
 }
 
 /// Parses the request at the start of `buf` and, if it is a plain `GET`/`HEAD /{code}`, answers
@@ -219,8 +240,10 @@ fn step(app: &App, peer: IpAddr, buf: &[u8], head_bytes_max: usize, out: &mut Ve
         }
     }
     let started = Instant::now();
-    let status = redirect::decide(app, head, path, query, &click, |verdict| {
-        write_verdict(head, accepts_json, verdict, out)
+    // The one wall-clock read of the request: expiry, the click's time and the Date header.
+    let now_s = crate::timefmt::now_s();
+    let status = redirect::decide(app, head, (path, query), &click, now_s, |verdict| {
+        write_verdict(head, accepts_json, verdict, now_s, out)
     });
     app.metrics
         .redirect_latency(started.elapsed().as_micros() as u64);
@@ -249,8 +272,14 @@ fn status_line(status: RedirectStatus) -> &'static [u8] {
     }
 }
 
-/// Writes the response to `verdict` into `out` and returns its status code.
-fn write_verdict(head: bool, accepts_json: bool, verdict: Verdict<'_>, out: &mut Vec<u8>) -> u16 {
+/// Writes the response to `verdict` at `now_s` into `out` and returns its status code.
+fn write_verdict(
+    head: bool,
+    accepts_json: bool,
+    verdict: Verdict<'_>,
+    now_s: i64,
+    out: &mut Vec<u8>,
+) -> u16 {
     if let Verdict::Redirect {
         status,
         long_url,
@@ -274,14 +303,14 @@ fn write_verdict(head: bool, accepts_json: bool, verdict: Verdict<'_>, out: &mut
                 }
             }
             out.extend_from_slice(b"\r\ncontent-length: 0\r\n");
-            write_date(out);
+            write_date(out, now_s);
             out.extend_from_slice(b"\r\n");
             return status.code();
         }
         return write_error(
             out,
-            head,
-            accepts_json,
+            (head, accepts_json),
+            now_s,
             StatusCode::INTERNAL_SERVER_ERROR,
             "bad_target",
             "the stored target of this link is not a valid Location",
@@ -291,15 +320,15 @@ fn write_verdict(head: bool, accepts_json: bool, verdict: Verdict<'_>, out: &mut
         verdict
             .error()
             .unwrap_or((StatusCode::NOT_FOUND, "not_found", "no link has this code"));
-    write_error(out, head, accepts_json, status, code, message)
+    write_error(out, (head, accepts_json), now_s, status, code, message)
 }
 
 /// An error answer shaped like the hyper path's: JSON `{"code","error"}` when the client accepts
 /// JSON, else one line of text. `code` and `message` are fixed strings without quotes.
 fn write_error(
     out: &mut Vec<u8>,
-    head: bool,
-    accepts_json: bool,
+    (head, accepts_json): (bool, bool),
+    now_s: i64,
     status: StatusCode,
     code: &str,
     message: &str,
@@ -322,7 +351,7 @@ fn write_error(
     out.extend_from_slice(b"\r\ncontent-length: ");
     write_decimal(out, body_bytes as u64);
     out.extend_from_slice(b"\r\n");
-    write_date(out);
+    write_date(out, now_s);
     out.extend_from_slice(b"\r\n");
     if !head {
         for part in body {
@@ -350,13 +379,10 @@ fn write_decimal(out: &mut Vec<u8>, value: u64) {
 
 thread_local! {
     /// The `date:` header line of the current second, formatted once per second per thread.
-    static DATE_LINE: RefCell<(u64, Vec<u8>)> = const { RefCell::new((0, Vec::new())) };
+    static DATE_LINE: RefCell<(i64, Vec<u8>)> = const { RefCell::new((0, Vec::new())) };
 }
 
-fn write_date(out: &mut Vec<u8>) {
-    let now_s = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |since| since.as_secs());
+fn write_date(out: &mut Vec<u8>, now_s: i64) {
     DATE_LINE.with(|cell| {
         let mut cached = cell.borrow_mut();
         if cached.0 != now_s || cached.1.is_empty() {
@@ -365,7 +391,7 @@ fn write_date(out: &mut Vec<u8>) {
             let format = format_description!(
                 "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
             );
-            if let Some(text) = OffsetDateTime::from_unix_timestamp(now_s as i64)
+            if let Some(text) = OffsetDateTime::from_unix_timestamp(now_s)
                 .ok()
                 .and_then(|time| time.format(&format).ok())
             {
@@ -385,19 +411,27 @@ mod tests {
     #[test]
     fn date_line_is_an_imf_fixdate() {
         let mut out = Vec::new();
-        write_date(&mut out);
-        let line = String::from_utf8(out).expect("ascii");
-        assert!(
-            line.starts_with("date: ") && line.ends_with(" GMT\r\n"),
-            "{line:?}"
+        write_date(&mut out, 784_111_777);
+        assert_eq!(out, b"date: Sun, 06 Nov 1994 08:49:37 GMT\r\n");
+        out.clear();
+        write_date(&mut out, 784_111_778);
+        assert_eq!(
+            out, b"date: Sun, 06 Nov 1994 08:49:38 GMT\r\n",
+            "a new second"
         );
-        assert_eq!(line.len(), "date: Sun, 06 Nov 1994 08:49:37 GMT\r\n".len());
     }
 
     #[test]
     fn error_bodies_match_their_length() {
         let mut out = Vec::new();
-        let status = write_error(&mut out, false, true, StatusCode::GONE, "expired", "gone");
+        let status = write_error(
+            &mut out,
+            (false, true),
+            0,
+            StatusCode::GONE,
+            "expired",
+            "gone",
+        );
         assert_eq!(status, 410);
         let text = String::from_utf8(out).expect("ascii");
         assert!(text.starts_with("HTTP/1.1 410 Gone\r\n"));

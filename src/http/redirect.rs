@@ -86,15 +86,15 @@ impl<'a> ClickContext<'a> {
     }
 }
 
-/// Decides what `path` (with `query`) answers and hands the verdict to `render` while the link
-/// is borrowed from the store, so the target is never copied on the way. A GET counts a click
-/// (and is refused once a click cap is reached); a HEAD only looks.
+/// Decides what `path` (with `query`) answers at `now_s` (unix seconds) and hands the verdict
+/// to `render` while the link is borrowed from the store, so the target is never copied on the
+/// way. A GET counts a click (and is refused once a click cap is reached); a HEAD only looks.
 pub fn decide<R>(
     app: &App,
     head: bool,
-    path: &str,
-    query: Option<&str>,
+    (path, query): (&str, Option<&str>),
     click: &ClickContext<'_>,
+    now_s: i64,
     render: impl FnOnce(Verdict<'_>) -> R,
 ) -> R {
     let code = path.strip_prefix('/').unwrap_or(path);
@@ -104,7 +104,6 @@ pub fn decide<R>(
     let Some(store) = app.store() else {
         return render(Verdict::NotReady);
     };
-    let now_s = super::now_s();
     store.lookup(code, |link| {
         let Some(link) = link else {
             // Only misses pay for the shard check.
@@ -190,9 +189,9 @@ pub fn handle<B>(app: &App, request: &Request<B>, peer: IpAddr) -> Response {
         decide(
             app,
             head,
-            request.uri().path(),
-            request.uri().query(),
+            (request.uri().path(), request.uri().query()),
             &ClickContext::of(app, headers, peer),
+            super::now_s(),
             |verdict| render(app, headers, verdict),
         )
     } else {
