@@ -163,6 +163,24 @@ fn a_link_created_on_one_node_redirects_from_the_others() {
         .expect("suggestions")
         .is_empty());
 
+    // A batch goes through the same write path.
+    let batch = nodes[2].post_json(
+        "/api/v1/shorten/batch",
+        key,
+        r#"{"items":[{"long_url":"https://example.com/b1","custom_alias":"batch-one"},{"long_url":"https://example.com/b2","custom_alias":"hello-cluster"}]}"#,
+    );
+    assert_eq!(batch.status, 200, "{}", batch.text());
+    let statuses: Vec<_> = batch.json()["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|result| result["status"].as_u64())
+        .collect();
+    assert_eq!(statuses, [Some(201), Some(409)]);
+    eventually("node 1 redirects the batch's link", || {
+        redirects_to(&nodes[0], "batch-one", "https://example.com/b1")
+    });
+
     // Change on one node, seen on another; clicks served anywhere count everywhere.
     let patched = nodes[1].with_key(
         "PATCH",
@@ -458,28 +476,37 @@ fn two_shard_groups_each_serve_their_own_codes() {
 }
 
 #[test]
-fn cluster_flags_without_nats_or_with_a_missing_shard_are_refused() {
-    let dir = common::data_dir();
-    for (args, expected) in [
-        (vec!["--shard-set", "1"], "--nats"),
+fn cluster_flags_without_nats_a_missing_shard_or_a_cluster_data_dir_are_refused() {
+    let fresh_dir = common::data_dir();
+    let cluster_dir = common::data_dir();
+    std::fs::write(
+        cluster_dir.path().join(kurz::cluster::datadir::MARKER_FILE),
+        r#"{"stream":"KURZ_LINKS","layout":"all-1"}"#,
+    )
+    .expect("write the marker");
+    let missing_shard = [
+        "--nats",
+        "nats://127.0.0.1:1",
+        "--shards",
+        "2",
+        "--shard-set",
+        "0,2",
+    ];
+    for (args, dir, expected) in [
+        (&["--shard-set", "1"][..], fresh_dir.path(), "--nats"),
         (
-            vec![
-                "--nats",
-                "nats://127.0.0.1:1",
-                "--shards",
-                "2",
-                "--shard-set",
-                "0,2",
-            ],
+            &missing_shard[..],
+            fresh_dir.path(),
             "shard 2 does not exist",
         ),
+        (&[][..], cluster_dir.path(), "belongs to a cluster node"),
     ] {
         let mut child = common::kurz()
             .arg("serve")
             .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
             .arg("--data-dir")
-            .arg(dir.path())
-            .args(&args)
+            .arg(dir)
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -49,6 +49,11 @@ pub enum ServeError {
     Store(#[from] StoreError),
     #[error("cannot join the cluster: {0}")]
     Cluster(#[from] ClusterError),
+    #[error("data dir {dir} belongs to a cluster node (it holds {marker}): its snapshot counts stream records, not local WAL records; start kurz serve with --nats, or use another --data-dir for single-node mode")]
+    ClusterDataDir {
+        dir: std::path::PathBuf,
+        marker: &'static str,
+    },
     #[error(transparent)]
     Clicks(#[from] crate::analytics::ClicksError),
     #[error(transparent)]

@@ -26,6 +26,7 @@ use crate::analytics::geo::CountryResolver;
 use crate::analytics::pipeline::{AnalyticsOptions, ClickPipeline};
 use crate::analytics::ClickCounters;
 use crate::auth::Keys;
+use crate::cluster::datadir::MARKER_FILE;
 use crate::cluster::ClusterError;
 use crate::config::ServeConfig;
 use crate::datafile::{self, ImportOptions};
@@ -345,6 +346,12 @@ fn store_is_empty(store: &Store) -> bool {
 /// Opens the store, imports the sample links into an empty one, and hands it to the app.
 fn open_store(app: &App) -> Result<(), ServeError> {
     let config = &app.config;
+    if config.data_dir.join(MARKER_FILE).exists() {
+        return Err(ServeError::ClusterDataDir {
+            dir: config.data_dir.clone(),
+            marker: MARKER_FILE,
+        });
+    }
     let store = Store::open(
         &config.data_dir,
         StoreOptions {
