@@ -181,6 +181,16 @@ async fn write_all(stream: &mut TcpStream, bytes: &[u8], timeout: Duration) -> b
         )
 }
 
+/// Answers the request at the start of `buf` into `out` exactly as a connection does and
+/// returns its length in bytes; `None` when it is not a complete plain `GET`/`HEAD /{code}`
+/// (hyper's to answer). The redirect benchmark's way into the lean path.
+pub fn answer(app: &App, peer: IpAddr, buf: &[u8], out: &mut Vec<u8>) -> Option<usize> {
+    match step(app, peer, buf, buf.len(), out) {
+        Step::Answered(consumed) => Some(consumed),
+        Step::Partial | Step::Hyper => None,
+    }
+}
+
 /// Parses the request at the start of `buf` and, if it is a plain `GET`/`HEAD /{code}`, answers
 /// it into `out`.
 fn step(app: &App, peer: IpAddr, buf: &[u8], head_bytes_max: usize, out: &mut Vec<u8>) -> Step {
