@@ -532,3 +532,165 @@ fn cluster_flags_without_nats_a_missing_shard_or_a_cluster_data_dir_are_refused(
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
 }
+
+/// HAProxy running `deploy/haproxy-shards.cfg`, stopped by its PID when dropped.
+struct Haproxy(std::process::Child);
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        // It may have exited already; either way it is gone afterwards.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn the_example_haproxy_routing_in_front_of_two_shard_groups_serves_every_code() {
+    let nats = start_nats();
+    let keys = Keys::new();
+    let dirs: Vec<_> = (0..4).map(|_| common::data_dir()).collect();
+    // Nodes 0 and 1 hold shard 0, nodes 2 and 3 shard 1, as the example config names them.
+    let nodes: Vec<Server> = dirs
+        .iter()
+        .enumerate()
+        .map(|(i, dir)| {
+            let shard = (i / 2).to_string();
+            node(
+                dir.path(),
+                &urls(&nats),
+                &keys,
+                &["--shards", "2", "--shard-set", &shard],
+            )
+        })
+        .collect();
+    let front = common::nats::free_ports(1)[0];
+    let front_addr: std::net::SocketAddr = ([127, 0, 0, 1], front).into();
+    let mut command = std::process::Command::new("haproxy");
+    command
+        .arg("-db")
+        .arg("-f")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/haproxy-shards.cfg"
+        ))
+        .env("KURZ_PUBLIC_BIND", front_addr.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (name, node) in ["SHARD0_A", "SHARD0_B", "SHARD1_A", "SHARD1_B"]
+        .iter()
+        .zip(&nodes)
+    {
+        command.env(format!("KURZ_{name}"), node.public.to_string());
+    }
+    let _haproxy = Haproxy(
+        command
+            .spawn()
+            .expect("start haproxy (installed by .ci/run)"),
+    );
+    let through = |method: &str, path: &str, body: &str| {
+        let mut headers = vec![("X-API-Key", keys.write.as_str())];
+        if !body.is_empty() {
+            headers.push(("Content-Type", "application/json"));
+        }
+        common::try_request(front_addr, method, path, &headers, body.as_bytes())
+    };
+    eventually("haproxy answers", || {
+        through("GET", "/readyz", "").is_ok_and(|reply| reply.status == 200)
+    });
+
+    let mut made = Vec::new();
+    for i in 0..20 {
+        let url = format!("https://example.com/front{i}");
+        let reply = through(
+            "POST",
+            "/api/v1/shorten",
+            &format!(r#"{{"long_url":"{url}"}}"#),
+        )
+        .expect("create through haproxy");
+        assert_eq!(reply.status, 201, "{}", reply.text());
+        made.push((
+            reply.json()["short_code"]
+                .as_str()
+                .expect("code")
+                .to_owned(),
+            url,
+        ));
+    }
+    assert!(
+        made.iter().any(|(code, _)| shard_of(code, 2) == 0)
+            && made.iter().any(|(code, _)| shard_of(code, 2) == 1),
+        "round robin spreads creates over both groups: {made:?}"
+    );
+    for (code, url) in &made {
+        eventually("the code redirects through haproxy", || {
+            through("HEAD", &format!("/{code}"), "").is_ok_and(|reply| {
+                reply.status == 302 && reply.header("location") == Some(url.as_str())
+            })
+        });
+        let read = through("GET", &format!("/api/v1/urls/{code}"), "").expect("read");
+        assert_eq!(read.status, 200, "{}", read.text());
+    }
+
+    // A custom alias may reach the other group first (421); a retry reaches its own group.
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        let reply = through(
+            "POST",
+            "/api/v1/shorten",
+            r#"{"long_url":"https://example.com/alias","custom_alias":"front-alias"}"#,
+        )
+        .expect("create through haproxy");
+        statuses.push(reply.status);
+        if reply.status == 201 {
+            break;
+        }
+        assert_eq!(reply.code(), "wrong_shard", "{}", reply.text());
+    }
+    assert_eq!(statuses.last(), Some(&201), "{statuses:?}");
+}
+
+/// Create latency through the HTTP API of a cluster node and how soon another node redirects the
+/// new link, printed for PERFORMANCE.md. Run by hand: `cargo nextest run --cargo-profile ci
+/// --test cluster_serve --run-ignored only --no-capture measure`.
+#[test]
+#[ignore = "a measurement, not a check; run by hand"]
+fn measure_http_creates_and_convergence() {
+    let nats = start_nats();
+    let keys = Keys::new();
+    let (dir_a, dir_b) = (common::data_dir(), common::data_dir());
+    let unlimited = [
+        "--rate-limit-per-s",
+        "1000000",
+        "--rate-limit-burst",
+        "1000000",
+    ];
+    let a = node(dir_a.path(), &urls(&nats), &keys, &unlimited);
+    let b = node(dir_b.path(), &urls(&nats), &keys, &unlimited);
+    let mut create_us = Vec::new();
+    let mut converge_us = Vec::new();
+    for i in 0..500 {
+        let url = format!("https://example.com/measure{i}");
+        let started = Instant::now();
+        let code = a.create(&keys.write, &format!(r#"{{"long_url":"{url}"}}"#));
+        create_us.push(started.elapsed().as_micros() as u64);
+        let started = Instant::now();
+        eventually("node b redirects", || redirects_to(&b, &code, &url));
+        converge_us.push(started.elapsed().as_micros() as u64);
+    }
+    for (what, mut samples) in [
+        (
+            "POST /api/v1/shorten on node a (one connection per request)",
+            create_us,
+        ),
+        ("node b redirects it, counted from the 201", converge_us),
+    ] {
+        samples.sort_unstable();
+        let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize];
+        println!(
+            "{what}: p50 {} us, p99 {} us, max {} us",
+            at(0.5),
+            at(0.99),
+            at(1.0)
+        );
+    }
+}
