@@ -11,6 +11,7 @@
 use std::path::Path;
 
 use crate::cluster::clicks::ClickCounter;
+use crate::cluster::shard::shard_of;
 use crate::cluster::{ClusterError, ClusterNode};
 use crate::config::ClusterConfig;
 use crate::store::link::Link;
@@ -163,6 +164,24 @@ impl LinkService {
             Backend::Local(_) => true,
             Backend::Cluster(cluster) => cluster.node.holds_code(code),
         }
+    }
+
+    /// The refusal a call about `code` gets on this node because another shard group holds it
+    /// (never in single-node mode).
+    pub fn check_shard(&self, code: &str) -> Result<(), WriteError> {
+        let Backend::Cluster(cluster) = &self.backend else {
+            return Ok(());
+        };
+        let shard_set = cluster.node.shard_set();
+        if shard_set.holds_code(code) {
+            return Ok(());
+        }
+        Err(WriteError::WrongShard {
+            code: code.to_owned(),
+            shard: shard_of(code, shard_set.shards()),
+            held: shard_set.held(),
+            shards: shard_set.shards(),
+        })
     }
 
     /// How many random codes it takes, on average, to draw one this node holds: shards / held.

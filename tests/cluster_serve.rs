@@ -451,6 +451,9 @@ fn two_shard_groups_each_serve_their_own_codes() {
         &format!("https://example.com/{code_1}")
     ));
     assert_eq!(shard_1.get(&format!("/{code_0}")).status, 421);
+    let api_read = shard_1.with_key("GET", &format!("/api/v1/urls/{code_0}"), &keys.write, "");
+    assert_eq!(api_read.status, 421, "{}", api_read.text());
+    assert_eq!(api_read.json()["shard"], 0);
     assert_eq!(shard_0.get(&format!("/{code_1}")).status, 421);
     let unknown_1 = (0..)
         .map(|i| format!("nothing{i}"))

@@ -809,12 +809,17 @@ fn link_body(app: &App, link: &Link) -> Value {
 }
 
 fn existing(app: &App, code: &str) -> Result<Link, ApiError> {
-    let store = app.store().ok_or_else(not_ready)?;
+    let links = app.links().ok_or_else(not_ready)?;
+    let store = links.store();
     if !validate::is_code(code) {
         return Err(not_found());
     }
     match store.get(code) {
-        None => Err(not_found()),
+        // A code of another shard group is not here whether or not it exists: 421, not 404.
+        None => Err(match links.check_shard(code) {
+            Ok(()) => not_found(),
+            Err(wrong_shard) => write_failed(wrong_shard),
+        }),
         Some(link) if link.meta.status == LinkStatus::Deleted => Err(gone(Gone::Deleted)),
         Some(link) => Ok(link),
     }
