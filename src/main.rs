@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 
+use kurz::cluster::datadir::MARKER_FILE;
 use kurz::datafile::{self, Format, ImportOptions};
 use kurz::store::wal::{self, FsyncPolicy};
 use kurz::store::{snapshot, Store, StoreOptions, SNAPSHOT_FILE, WAL_DIR};
@@ -146,6 +147,13 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
 }
 
 fn open_writable(data_dir: &Path) -> anyhow::Result<Store> {
+    // A cluster node's snapshot counts stream records; a local WAL on top would drift from them.
+    if data_dir.join(MARKER_FILE).exists() {
+        bail!(
+            "data dir {} belongs to a cluster node (it holds {MARKER_FILE}); import and snapshot work on single-node data dirs only (a cluster node snapshots with POST /admin/snapshot, and links enter a cluster through its API)",
+            data_dir.display()
+        );
+    }
     Store::open(
         data_dir,
         StoreOptions {

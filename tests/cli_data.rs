@@ -271,3 +271,32 @@ fn a_data_dir_has_one_owner() {
     )
     .is_ok());
 }
+
+#[test]
+fn offline_writes_refuse_a_cluster_nodes_data_dir() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    fs::write(
+        dir.path().join(kurz::cluster::datadir::MARKER_FILE),
+        r#"{"stream":"KURZ_LINKS","layout":"all-1"}"#,
+    )
+    .expect("write the marker");
+    let links = dir.path().join("links.tsv");
+    write_links(&links, 3);
+    let path = dir.path().to_str().expect("path");
+    for args in [
+        vec!["snapshot", "--data-dir", path],
+        vec!["import", "--data-dir", path, links.to_str().expect("path")],
+    ] {
+        let refused = kurz(&args);
+        assert_eq!(refused.status.code(), Some(2), "{args:?}");
+        assert!(
+            text(&refused.stderr).contains("belongs to a cluster node"),
+            "{args:?}: {}",
+            text(&refused.stderr)
+        );
+    }
+    assert!(
+        !dir.path().join("snapshot.kurz").exists(),
+        "nothing was written"
+    );
+}
