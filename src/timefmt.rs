@@ -13,6 +13,23 @@ pub fn now_s() -> i64 {
         .map_or(0, |since| since.as_secs() as i64)
 }
 
+/// Unix seconds from the kernel's coarse clock (updated every few ms, read without touching
+/// the hardware clock): for the redirect path, which needs whole seconds on every request.
+pub fn now_s_coarse() -> i64 {
+    #[cfg(target_os = "linux")]
+    {
+        let mut now = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `now` is a valid timespec the call writes into.
+        if unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut now) } == 0 {
+            return now.tv_sec;
+        }
+    }
+    now_s()
+}
+
 /// RFC 3339 (UTC) text of unix seconds; the bare number if it is out of range.
 pub fn rfc3339(unix_s: i64) -> String {
     OffsetDateTime::from_unix_timestamp(unix_s)

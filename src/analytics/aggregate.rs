@@ -486,11 +486,16 @@ impl Aggregates {
     pub fn apply(&mut self, click: &ClassifiedClick<'_>) {
         match self.links.get_mut(click.code) {
             Some(link) => link.apply(click),
-            None => self
-                .links
-                .entry(click.code.into())
-                .or_default()
-                .apply(click),
+            None => {
+                // Room for exactly the tallies a first click makes (most links stay small).
+                let first_tallies = if click.bot { 3 } else { 6 };
+                let mut link = LinkAggregates {
+                    tallies: Vec::with_capacity(first_tallies),
+                    ..LinkAggregates::default()
+                };
+                link.apply(click);
+                self.links.insert(click.code.into(), link);
+            }
         }
     }
 

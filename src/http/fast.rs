@@ -31,6 +31,9 @@ use crate::store::link::RedirectStatus;
 const READ_CHUNK_BYTES: usize = 4096;
 /// Headers the fast path parses; a request with more goes to hyper (which caps them itself).
 const HEADERS_MAX: usize = 32;
+/// The redirect latency histogram gets every this-many-th request of a connection (the first
+/// included): timing costs two clock reads, a sample describes the distribution as well.
+const LATENCY_SAMPLE_EVERY: u32 = 8;
 
 /// A connection handed to hyper: the bytes the fast path read but did not answer, then the socket.
 pub struct Prefixed {
@@ -109,6 +112,7 @@ pub async fn serve(
     let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
     let mut out = Vec::with_capacity(READ_CHUNK_BYTES);
     let mut head_deadline = None;
+    let mut answered: u32 = 0;
     // Registered once per connection; the Notify is this connection's own, so waiting on it
     // takes no lock that other connections share.
     let stopped = stop.notified();
@@ -120,10 +124,12 @@ pub async fn serve(
     tokio::pin!(alarm);
     loop {
         while !buf.is_empty() {
-            match step(app, peer, &buf, head_bytes_max, &mut out) {
+            let timed = answered % LATENCY_SAMPLE_EVERY == 0;
+            match step(app, (peer, timed), &buf, head_bytes_max, &mut out) {
                 Step::Answered(consumed) => {
                     buf.advance(consumed);
                     head_deadline = None;
+                    answered = answered.wrapping_add(1);
                 }
                 Step::Partial => break,
                 Step::Hyper => {
@@ -185,15 +191,21 @@ async fn write_all(stream: &mut TcpStream, bytes: &[u8], timeout: Duration) -> b
 /// returns its length in bytes; `None` when it is not a complete plain `GET`/`HEAD /{code}`
 /// (hyper's to answer). The redirect benchmark's way into the lean path.
 pub fn answer(app: &App, peer: IpAddr, buf: &[u8], out: &mut Vec<u8>) -> Option<usize> {
-    match step(app, peer, buf, buf.len(), out) {
+    match step(app, (peer, true), buf, buf.len(), out) {
         Step::Answered(consumed) => Some(consumed),
         Step::Partial | Step::Hyper => None,
     }
 }
 
 /// Parses the request at the start of `buf` and, if it is a plain `GET`/`HEAD /{code}`, answers
-/// it into `out`.
-fn step(app: &App, peer: IpAddr, buf: &[u8], head_bytes_max: usize, out: &mut Vec<u8>) -> Step {
+/// it into `out`; `timed` says whether its latency goes into the histogram.
+fn step(
+    app: &App,
+    (peer, timed): (IpAddr, bool),
+    buf: &[u8],
+    head_bytes_max: usize,
+    out: &mut Vec<u8>,
+) -> Step {
     let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
     let mut request = httparse::Request::new(&mut headers);
     let consumed = match request.parse(buf) {
@@ -249,14 +261,17 @@ fn step(app: &App, peer: IpAddr, buf: &[u8], head_bytes_max: usize, out: &mut Ve
             return Step::Hyper;
         }
     }
-    let started = Instant::now();
-    // The one wall-clock read of the request: expiry, the click's time and the Date header.
-    let now_s = crate::timefmt::now_s();
+    let started = timed.then(Instant::now);
+    // The one wall-clock read of the request (a coarse one): expiry, the click's time and the
+    // Date header.
+    let now_s = crate::timefmt::now_s_coarse();
     let status = redirect::decide(app, head, (path, query), &click, now_s, |verdict| {
         write_verdict(head, accepts_json, verdict, now_s, out)
     });
-    app.metrics
-        .redirect_latency(started.elapsed().as_micros() as u64);
+    if let Some(started) = started {
+        app.metrics
+            .redirect_latency(started.elapsed().as_micros() as u64);
+    }
     app.metrics.request(Route::Redirect, status);
     Step::Answered(consumed)
 }
