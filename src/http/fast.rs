@@ -124,7 +124,7 @@ pub async fn serve(
     tokio::pin!(alarm);
     loop {
         while !buf.is_empty() {
-            let timed = answered % LATENCY_SAMPLE_EVERY == 0;
+            let timed = answered.is_multiple_of(LATENCY_SAMPLE_EVERY);
             match step(app, (peer, timed), &buf, head_bytes_max, &mut out) {
                 Step::Answered(consumed) => {
                     buf.advance(consumed);
