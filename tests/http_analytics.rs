@@ -414,3 +414,52 @@ fn the_raw_click_log_gets_every_click_as_a_json_line() {
     assert_eq!(refused.status.code(), Some(2), "{refused:?}");
     assert!(String::from_utf8_lossy(&refused.stderr).contains("click_log"));
 }
+
+#[test]
+fn counts_and_aggregates_outlive_a_snapshot_cycle_and_a_kill_9() {
+    let dir = data_dir();
+    let key = add_key(dir.path(), "alice", "write");
+    let admin_key = add_key(dir.path(), "root", "admin");
+    let server = Server::start(dir.path(), &FLUSH);
+    let code = server.create(&key, r#"{"long_url":"https://example.com/compacted"}"#);
+    for _ in 0..4 {
+        click(&server, &code, &[("User-Agent", FIREFOX)]);
+    }
+    stats_when(&server, &key, &code, |a| a["human_clicks"] == 4);
+    // A snapshot cycle folds the link into a new snapshot file and deletes the WAL that held it;
+    // the clicks live beside the snapshot and must not go with the WAL.
+    let snapshot = request(
+        server.admin,
+        "POST",
+        "/admin/snapshot",
+        &[("Authorization", &format!("Bearer {admin_key}"))],
+        b"",
+    );
+    assert_eq!(snapshot.status, 200, "{}", snapshot.text());
+    click(&server, &code, &[("User-Agent", FIREFOX)]);
+    stats_when(&server, &key, &code, |a| a["human_clicks"] == 5);
+    // Both the exact counts (checkpointed every second by default) and the analytics log
+    // (every 50 ms here) have had time to reach the disk.
+    let changes = dir.path().join("clicks-changes.tsv");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&changes)
+        .unwrap_or_default()
+        .contains(&format!("{code}\t5\t"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the 5th click never reached the disk"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server.kill9();
+
+    let server = Server::start(dir.path(), &FLUSH);
+    let answer = stats(&server, &key, &code, "");
+    assert_eq!(answer["clicks"], 5, "exact count: {answer}");
+    assert_eq!(answer["human_clicks"], 5, "aggregates: {answer}");
+    let link = server
+        .with_key("GET", &format!("/api/v1/urls/{code}"), &key, "")
+        .json();
+    assert_eq!(link["clicks"], 5);
+}
