@@ -19,51 +19,15 @@ use kurz::config::{ServeArgs, ServeConfig};
 use kurz::http::{fast, App};
 use kurz::links::codegen::{self, CounterCodes};
 use kurz::service::LinkService;
-use kurz::store::link::{Link, LinkMeta};
-use kurz::store::snapshot::SnapshotBuilder;
 use kurz::store::wal::FsyncPolicy;
 use kurz::store::{Store, StoreOptions, SNAPSHOT_FILE};
 
+mod common;
+
+use common::{synthetic_links, write_snapshot};
+
 const LINKS: usize = 1_000_000;
 const HOT_KEYS: usize = 4096;
-
-/// Deterministic links: 7-char base62 codes, ~80-byte URLs.
-fn synthetic_links(count: usize) -> Vec<(String, String)> {
-    let mut state = 0x2545_F491_4F6C_DD1Du64;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
-    (0..count)
-        .map(|i| {
-            let code = format!("{}{i:x}", codegen::base62_u64(next() % 56_800_235_584));
-            let url = format!(
-                "https://www.example-{}.com/docs/archive/{}/item?id={}",
-                next() % 100_000,
-                next() % 1_000,
-                next()
-            );
-            (code, url)
-        })
-        .collect()
-}
-
-fn write_snapshot(dir: &Path, links: &[(String, String)]) {
-    let mut builder = SnapshotBuilder::with_capacity(links.len(), links.len() * 96);
-    for (code, url) in links {
-        let link = Link {
-            code: code.clone(),
-            long_url: url.clone(),
-            meta: LinkMeta::new(1_700_000_000),
-        };
-        builder.add(link.view()).expect("add");
-    }
-    builder
-        .write(&dir.join(SNAPSHOT_FILE), 0)
-        .expect("write snapshot");
-}
 
 /// Requests back to back in one buffer, with where each one starts.
 struct Requests {
@@ -99,8 +63,8 @@ impl Requests {
 
 fn in_process(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let links = synthetic_links(LINKS);
-    write_snapshot(dir.path(), &links);
+    let links = synthetic_links(LINKS, 5);
+    write_snapshot(&dir.path().join(SNAPSHOT_FILE), &links);
     let config = ServeConfig::load(ServeArgs {
         data_dir: Some(dir.path().to_owned()),
         ..ServeArgs::default()
@@ -219,8 +183,8 @@ fn round_trip(stream: &mut TcpStream, request: &[u8], buf: &mut Vec<u8>) -> u16 
 
 fn loopback(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let links = synthetic_links(LINKS);
-    write_snapshot(dir.path(), &links);
+    let links = synthetic_links(LINKS, 5);
+    write_snapshot(&dir.path().join(SNAPSHOT_FILE), &links);
     let server = start_server(dir.path());
     let mut stream = TcpStream::connect(server.public).expect("connect");
     stream.set_nodelay(true).expect("nodelay");
