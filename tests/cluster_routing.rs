@@ -4,10 +4,13 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kurz::cluster::shard::shard_of;
+
+mod common;
+
+use common::haproxy::{ShardFront, BACKENDS};
 
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -60,16 +63,6 @@ fn answer(stream: TcpStream, name: &str) {
     }
 }
 
-struct Haproxy(Child);
-
-impl Drop for Haproxy {
-    fn drop(&mut self) {
-        // Stopped by the PID we started; it may have exited already.
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn get(port: u16, path: &str) -> Option<String> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream.set_read_timeout(Some(IO_TIMEOUT)).ok()?;
@@ -86,27 +79,10 @@ fn the_example_routing_sends_each_code_to_its_shard_group() {
     let public = TcpListener::bind("127.0.0.1:0").expect("bind");
     let public_port = public.local_addr().expect("addr").port();
     drop(public);
-    let mut command = Command::new("haproxy");
-    command
-        .arg("-db")
-        .arg("-f")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/deploy/haproxy-shards.cfg"
-        ))
-        .env("KURZ_PUBLIC_BIND", format!("127.0.0.1:{public_port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    for (name, _) in NODES {
-        command.env(
-            format!("KURZ_{name}"),
-            format!("127.0.0.1:{}", stand_in(name)),
-        );
-    }
-    let _haproxy = Haproxy(
-        command
-            .spawn()
-            .expect("start haproxy (installed by .ci/run)"),
+    let front = std::net::SocketAddr::from(([127, 0, 0, 1], public_port));
+    let _front = ShardFront::start(
+        front,
+        BACKENDS.map(|name| std::net::SocketAddr::from(([127, 0, 0, 1], stand_in(name)))),
     );
     let started = Instant::now();
     while get(public_port, "/healthz").is_none() {

@@ -537,16 +537,6 @@ fn cluster_flags_without_nats_a_missing_shard_or_a_cluster_data_dir_are_refused(
 }
 
 /// HAProxy running `deploy/haproxy-shards.cfg`, stopped by its PID when dropped.
-struct Haproxy(std::process::Child);
-
-impl Drop for Haproxy {
-    fn drop(&mut self) {
-        // It may have exited already; either way it is gone afterwards.
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn the_example_haproxy_routing_in_front_of_two_shard_groups_serves_every_code() {
     let nats = start_nats();
@@ -568,28 +558,8 @@ fn the_example_haproxy_routing_in_front_of_two_shard_groups_serves_every_code() 
         .collect();
     let front = common::nats::free_ports(1)[0];
     let front_addr: std::net::SocketAddr = ([127, 0, 0, 1], front).into();
-    let mut command = std::process::Command::new("haproxy");
-    command
-        .arg("-db")
-        .arg("-f")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/deploy/haproxy-shards.cfg"
-        ))
-        .env("KURZ_PUBLIC_BIND", front_addr.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    for (name, node) in ["SHARD0_A", "SHARD0_B", "SHARD1_A", "SHARD1_B"]
-        .iter()
-        .zip(&nodes)
-    {
-        command.env(format!("KURZ_{name}"), node.public.to_string());
-    }
-    let _haproxy = Haproxy(
-        command
-            .spawn()
-            .expect("start haproxy (installed by .ci/run)"),
-    );
+    let addresses = [0, 1, 2, 3].map(|i| nodes[i].public);
+    let _front = common::haproxy::ShardFront::start(front_addr, addresses);
     let through = |method: &str, path: &str, body: &str| {
         let mut headers = vec![("X-API-Key", keys.write.as_str())];
         if !body.is_empty() {
