@@ -515,11 +515,6 @@ impl Aggregates {
         let link = self.links.get(code)?;
         Some(link.stats(&self.values, query, now_s))
     }
-
-    /// Links with at least one click.
-    pub fn links(&self) -> usize {
-        self.links.len()
-    }
 }
 
 #[cfg(test)]
