@@ -1,10 +1,20 @@
 //! Click counting: an exact per-link count of redirects served and the time of the last one,
-//! which also enforces `max_clicks`. Counts live in memory (a sharded map of atomics, no lock
-//! shared by all workers). They reach the data dir in two files: every checkpoint interval
-//! (default 1 s) the counts that changed are appended to `clicks-changes.tsv` and fsynced, so a
-//! `kill -9` loses at most that interval; when the changes outgrow the full file, and at
-//! shutdown, every count is written to `clicks.tsv` (temp file, fsync, rename) and the changes
-//! file starts over. Never touches the store.
+//! which also enforces `max_clicks`. Counts live in memory, in two places that add up:
+//! - dense counts, an array by table slot of the snapshot lookups read (one array access per
+//!   click, no hashing, no lock; untouched pages cost no memory). Uncapped links of the
+//!   snapshot count here. When the store swaps to a new snapshot, [`ClickCounters::follow`]
+//!   moves the counts to an array for the new one; until then clicks count in the keyed map;
+//! - a keyed map (a sharded map of atomics, no lock shared by all workers) for links in the
+//!   overlay, capped links (a cap's count must live in one cell to be exact) and clicks made
+//!   while the dense counts move. [`ClickCounters::follow`] folds its uncapped entries into the
+//!   dense counts.
+//!
+//! Counts reach the data dir in two files: every checkpoint interval (default 1 s) the counts
+//! that changed are appended to `clicks-changes.tsv` and fsynced, so a `kill -9` loses at most
+//! that interval; when the changes outgrow the full file, and at shutdown, every count is
+//! written to `clicks.tsv` (temp file, fsync, rename) and the changes file starts over. A line
+//! always holds a link's total, so the largest line of a code is its latest count. Reads the
+//! snapshot's table (to place counts by slot), never writes to the store.
 
 pub mod agent;
 pub mod aggregate;
@@ -17,9 +27,15 @@ use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write as _};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwapOption;
 use dashmap::DashMap;
+
+use crate::store::snapshot::Snapshot;
+use crate::store::SnapshotSlot;
 
 /// Every count, in the data dir.
 pub const CLICKS_FILE: &str = "clicks.tsv";
@@ -27,6 +43,10 @@ pub const CLICKS_FILE: &str = "clicks.tsv";
 pub const CLICK_CHANGES_FILE: &str = "clicks-changes.tsv";
 const CLICKS_FILE_HEADER: &str =
     "# kurz click counts: code<TAB>clicks<TAB>last_clicked_at (unix s)";
+/// Longest [`ClickCounters::follow`] waits for redirects still counting into the old dense
+/// counts before it moves them anyway (a redirect takes microseconds; this only guards against
+/// a stuck thread).
+const FOLLOW_WAIT_MAX: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClicksError {
@@ -36,7 +56,7 @@ pub enum ClicksError {
     Write { path: PathBuf, cause: io::Error },
 }
 
-/// One link's counters.
+/// One link's counters in the keyed map.
 #[derive(Default, Debug)]
 struct ClickCell {
     clicks: AtomicU64,
@@ -44,6 +64,105 @@ struct ClickCell {
     saved_clicks: AtomicU64,
     /// Unix seconds; 0 = never.
     last_clicked_at_s: AtomicI64,
+    /// A click judged against a cap used this cell: it stays in the keyed map.
+    capped: AtomicBool,
+}
+
+/// One link's counters in the dense counts.
+#[derive(Debug)]
+struct DenseCell {
+    clicks: AtomicU64,
+    /// Unix seconds; 0 = never.
+    last_clicked_at_s: AtomicI64,
+}
+
+/// The counts of one snapshot's links, by table slot.
+struct DenseCounts {
+    snapshot: Arc<Snapshot>,
+    cells: Box<[DenseCell]>,
+    /// One bit per slot: the count changed since it was last saved.
+    changed: Box<[AtomicU64]>,
+}
+
+impl DenseCounts {
+    fn new(snapshot: Arc<Snapshot>) -> DenseCounts {
+        let slots = snapshot.slot_count();
+        // SAFETY: atomics are valid when zeroed, and zeroed is the state every cell starts in.
+        // A zeroed allocation of this size comes straight from the OS, so pages no click
+        // touches are never made resident.
+        let cells = unsafe { Box::<[DenseCell]>::new_zeroed_slice(slots).assume_init() };
+        // SAFETY: as above.
+        let changed =
+            unsafe { Box::<[AtomicU64]>::new_zeroed_slice(slots.div_ceil(64)).assume_init() };
+        DenseCounts {
+            snapshot,
+            cells,
+            changed,
+        }
+    }
+
+    /// Counts a click in `slot`. The count is raised before the changed bit is looked at, and
+    /// a save clears the bit before it reads the count (both sequentially consistent), so a
+    /// click a save did not see always leaves its bit set.
+    fn count(&self, slot: usize, now_s: i64) {
+        let Some(cell) = self.cells.get(slot) else {
+            return;
+        };
+        cell.clicks.fetch_add(1, Ordering::SeqCst);
+        raise(&cell.last_clicked_at_s, now_s);
+        self.mark_changed(slot);
+    }
+
+    fn mark_changed(&self, slot: usize) {
+        let word = &self.changed[slot / 64];
+        let bit = 1u64 << (slot % 64);
+        if word.load(Ordering::SeqCst) & bit == 0 {
+            word.fetch_or(bit, Ordering::SeqCst);
+        }
+    }
+
+    fn slot_of(&self, code: &str) -> Option<usize> {
+        self.snapshot.lookup_slot(code).map(|(slot, _)| slot)
+    }
+
+    fn stats_at(&self, slot: usize) -> ClickStats {
+        self.cells
+            .get(slot)
+            .map_or_else(ClickStats::default, |cell| {
+                stats_of(&cell.clicks, &cell.last_clicked_at_s)
+            })
+    }
+
+    fn stats(&self, code: &str) -> ClickStats {
+        self.slot_of(code)
+            .map_or_else(ClickStats::default, |slot| self.stats_at(slot))
+    }
+
+    /// Adds `stats` to the count in `slot` (moving counts in; no redirect counts here yet).
+    fn add(&self, slot: usize, stats: ClickStats) {
+        if let Some(cell) = self.cells.get(slot) {
+            cell.clicks.fetch_add(stats.clicks, Ordering::SeqCst);
+            raise(
+                &cell.last_clicked_at_s,
+                stats.last_clicked_at_s.unwrap_or(0),
+            );
+        }
+    }
+}
+
+/// Raises `at` to `now_s`; most clicks of a busy link find it raised already and write nothing.
+fn raise(at: &AtomicI64, now_s: i64) {
+    if at.load(Ordering::Relaxed) < now_s {
+        at.fetch_max(now_s, Ordering::Relaxed);
+    }
+}
+
+fn stats_of(clicks: &AtomicU64, last_clicked_at_s: &AtomicI64) -> ClickStats {
+    let last = last_clicked_at_s.load(Ordering::Relaxed);
+    ClickStats {
+        clicks: clicks.load(Ordering::SeqCst),
+        last_clicked_at_s: (last != 0).then_some(last),
+    }
 }
 
 /// What the counters say about one link.
@@ -53,41 +172,98 @@ pub struct ClickStats {
     pub last_clicked_at_s: Option<i64>,
 }
 
-/// Shards of the counter map. Many, so that a checkpoint, which reads one shard at a time under
+impl ClickStats {
+    fn plus(self, other: ClickStats) -> ClickStats {
+        ClickStats {
+            clicks: self.clicks + other.clicks,
+            last_clicked_at_s: self.last_clicked_at_s.max(other.last_clicked_at_s),
+        }
+    }
+}
+
+/// Shards of the keyed map. Many, so that a checkpoint, which reads one shard at a time under
 /// its read lock, holds up a redirect that adds a newly clicked link for microseconds, not
-/// milliseconds (at 1M clicked links a shard holds about 1,000).
+/// milliseconds.
 const COUNTER_SHARDS: usize = 1024;
 
-/// Per-link click counters, keyed by code.
+/// Per-link click counters.
 pub struct ClickCounters {
-    cells: DashMap<Box<str>, ClickCell, ahash::RandomState>,
+    keyed: DashMap<Box<str>, ClickCell, ahash::RandomState>,
+    /// The dense counts of the snapshot lookups read; None before the first
+    /// [`Self::follow`] and while the counts move to a new snapshot.
+    dense: ArcSwapOption<DenseCounts>,
+    /// While the counts move: the previous dense counts, which no redirect changes any more.
+    retiring: ArcSwapOption<DenseCounts>,
+    /// Held by whatever reads or moves every count: saves and [`Self::follow`].
+    persisting: Mutex<()>,
     clicks_total: AtomicU64,
 }
 
 impl Default for ClickCounters {
     fn default() -> ClickCounters {
         ClickCounters {
-            cells: DashMap::with_hasher_and_shard_amount(ahash::RandomState::new(), COUNTER_SHARDS),
+            keyed: DashMap::with_hasher_and_shard_amount(ahash::RandomState::new(), COUNTER_SHARDS),
+            dense: ArcSwapOption::empty(),
+            retiring: ArcSwapOption::empty(),
+            persisting: Mutex::new(()),
             clicks_total: AtomicU64::new(0),
         }
     }
 }
 
 impl ClickCounters {
-    /// Counts one redirect of `code` unless that would exceed `cap`; returns whether the click
-    /// may be served. With a cap of N exactly N calls return true, however many race.
-    pub fn record(&self, code: &str, cap: Option<u64>, now_s: i64) -> bool {
-        if cap == Some(0) {
-            return false;
-        }
-        let served = match self.cells.get(code) {
-            Some(cell) => count(&cell, cap, now_s),
-            None => count(&self.cells.entry(code.into()).or_default(), cap, now_s),
+    /// Counts one redirect of `code` (found at `slot` of the snapshot, if it came from there)
+    /// unless that would exceed `cap`; returns whether the click may be served. With a cap of N
+    /// exactly N calls return true, however many race.
+    pub fn record(
+        &self,
+        code: &str,
+        slot: Option<SnapshotSlot>,
+        cap: Option<u64>,
+        now_s: i64,
+    ) -> bool {
+        let served = match cap {
+            Some(cap) => self.record_capped(code, cap, now_s),
+            None => {
+                let dense = self.dense.load();
+                match (&*dense, slot) {
+                    (Some(dense), Some(slot)) if dense.snapshot.id() == slot.snapshot_id => {
+                        dense.count(slot.slot, now_s);
+                    }
+                    _ => self.record_keyed(code, now_s),
+                }
+                true
+            }
         };
         if served {
             self.clicks_total.fetch_add(1, Ordering::Relaxed);
         }
         served
+    }
+
+    fn record_keyed(&self, code: &str, now_s: i64) {
+        match self.keyed.get(code) {
+            Some(cell) => count(&cell, None, now_s),
+            None => count(&self.keyed.entry(code.into()).or_default(), None, now_s),
+        };
+    }
+
+    /// A capped click counts in the keyed cell, against the cap less what the dense counts hold
+    /// (clicks from before the link had a cap, or restored); those never change while it has
+    /// one, as capped clicks never count there.
+    fn record_capped(&self, code: &str, cap: u64, now_s: i64) -> bool {
+        if cap == 0 {
+            return false;
+        }
+        let cell = match self.keyed.get(code) {
+            Some(cell) => cell,
+            None => self.keyed.entry(code.into()).or_default().downgrade(),
+        };
+        // Marked before the dense part is read: from here on [`Self::follow`] leaves the cell
+        // where it is.
+        cell.capped.store(true, Ordering::SeqCst);
+        let limit = cap.saturating_sub(self.dense_stats(code).clicks);
+        count(&cell, Some(limit), now_s)
     }
 
     /// Whether `code` has reached `cap` (without counting a click).
@@ -99,16 +275,30 @@ impl ClickCounters {
     }
 
     pub fn stats(&self, code: &str) -> ClickStats {
-        match self.cells.get(code) {
-            None => ClickStats::default(),
-            Some(cell) => {
-                let last = cell.last_clicked_at_s.load(Ordering::Relaxed);
-                ClickStats {
-                    clicks: cell.clicks.load(Ordering::Relaxed),
-                    last_clicked_at_s: (last != 0).then_some(last),
-                }
+        self.keyed_stats(code).plus(self.dense_stats(code))
+    }
+
+    fn keyed_stats(&self, code: &str) -> ClickStats {
+        self.keyed
+            .get(code)
+            .map_or_else(ClickStats::default, |cell| {
+                stats_of(&cell.clicks, &cell.last_clicked_at_s)
+            })
+    }
+
+    /// The dense part of `code`'s count, also while the counts move: [`Self::follow`] sets
+    /// `retiring` before it clears `dense` and clears it after setting `dense` again, so of two
+    /// rounds of looking at `dense`, then `retiring`, one finds them.
+    fn dense_stats(&self, code: &str) -> ClickStats {
+        for _ in 0..2 {
+            if let Some(dense) = &*self.dense.load() {
+                return dense.stats(code);
+            }
+            if let Some(retiring) = &*self.retiring.load() {
+                return retiring.stats(code);
             }
         }
+        ClickStats::default()
     }
 
     /// Redirects served since start-up, all links together.
@@ -116,8 +306,109 @@ impl ClickCounters {
         self.clicks_total.load(Ordering::Relaxed)
     }
 
+    /// Places counts by slot of `snapshot` (the one lookups now read): the first call sets up
+    /// the dense counts; after the store swapped snapshots, moves every count to the new
+    /// one's slots and folds the keyed map's uncapped entries in. Cheap when nothing changed:
+    /// call it after every swap, or periodically. Blocking; off the async workers.
+    pub fn follow(&self, snapshot: Arc<Snapshot>) {
+        let _persisting = self.lock_persisting();
+        let current = self.dense.load_full();
+        if current
+            .as_ref()
+            .is_some_and(|dense| dense.snapshot.id() == snapshot.id())
+        {
+            return;
+        }
+        let fresh = Arc::new(DenseCounts::new(snapshot));
+        if let Some(old) = current {
+            self.retiring.store(Some(old.clone()));
+            self.dense.store(None);
+            // From here redirects count in the keyed map. Those that loaded `old` before hold
+            // it (the swap turned their loads into references); wait for them to finish.
+            let started = Instant::now();
+            while Arc::strong_count(&old) > 2 && started.elapsed() < FOLLOW_WAIT_MAX {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            self.move_dense(&old, &fresh);
+        }
+        self.dense.store(Some(fresh.clone()));
+        self.retiring.store(None);
+        self.fold_keyed(&fresh);
+    }
+
+    /// Moves every count of `old` to its code's slot in `fresh`, or to the keyed map for a
+    /// code `fresh` does not hold.
+    fn move_dense(&self, old: &DenseCounts, fresh: &DenseCounts) {
+        for (slot, cell) in old.cells.iter().enumerate() {
+            let stats = stats_of(&cell.clicks, &cell.last_clicked_at_s);
+            if stats.clicks == 0 {
+                continue;
+            }
+            let Some(code) = old.snapshot.code_at(slot) else {
+                continue;
+            };
+            let changed = old.changed[slot / 64].load(Ordering::SeqCst) & (1 << (slot % 64)) != 0;
+            match fresh.slot_of(code) {
+                Some(new_slot) => {
+                    fresh.add(new_slot, stats);
+                    if changed {
+                        fresh.mark_changed(new_slot);
+                    }
+                }
+                None => {
+                    let entry = self.keyed.entry(code.into()).or_default();
+                    entry.clicks.fetch_add(stats.clicks, Ordering::SeqCst);
+                    raise(
+                        &entry.last_clicked_at_s,
+                        stats.last_clicked_at_s.unwrap_or(0),
+                    );
+                    if !changed {
+                        entry.saved_clicks.fetch_add(stats.clicks, Ordering::SeqCst);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Moves the keyed map's uncapped entries of links in `dense`'s snapshot into it. Each is
+    /// removed under its shard's write lock, so no click is counted in it meanwhile, and is
+    /// added to the dense counts before that lock is released.
+    fn fold_keyed(&self, dense: &DenseCounts) {
+        let codes: Vec<Box<str>> = self
+            .keyed
+            .iter()
+            .filter(|entry| !entry.capped.load(Ordering::SeqCst))
+            .map(|entry| entry.key().clone())
+            .collect();
+        for code in codes {
+            let Some(slot) = dense.slot_of(&code) else {
+                continue;
+            };
+            self.keyed.remove_if(&code, |_, cell| {
+                if cell.capped.load(Ordering::SeqCst) {
+                    return false;
+                }
+                let stats = stats_of(&cell.clicks, &cell.last_clicked_at_s);
+                dense.add(slot, stats);
+                if stats.clicks != cell.saved_clicks.load(Ordering::SeqCst) {
+                    dense.mark_changed(slot);
+                }
+                true
+            });
+        }
+    }
+
+    fn lock_persisting(&self) -> std::sync::MutexGuard<'_, ()> {
+        // The guarded state is the counters' own atomics: a panic while holding it leaves
+        // nothing half-written.
+        self.persisting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Restores the counts saved in `dir` (missing files add nothing) and returns how many
-    /// links they named. A damaged line (a write cut short by a crash) is skipped with a
+    /// links they named. Call it after the first [`Self::follow`], before redirects start,
+    /// so that counts of the snapshot's links go to their slots. A damaged line (a write cut short by a crash) is skipped with a
     /// warning: counts are statistics, not a reason to refuse to start.
     pub fn restore(&self, dir: &Path) -> Result<u64, ClicksError> {
         let mut restored = self.restore_file(&dir.join(CLICKS_FILE))?;
@@ -158,32 +449,47 @@ impl ClickCounters {
                 );
                 continue;
             };
-            let cell = self.cells.entry(code.into()).or_default();
-            cell.clicks.fetch_max(clicks, Ordering::Relaxed);
-            cell.saved_clicks.fetch_max(clicks, Ordering::Relaxed);
-            cell.last_clicked_at_s
-                .fetch_max(last_clicked_at_s, Ordering::Relaxed);
+            let dense = self.dense.load();
+            match dense
+                .as_ref()
+                .and_then(|dense| Some((dense, dense.slot_of(code)?)))
+            {
+                Some((dense, slot)) => {
+                    let cell = &dense.cells[slot];
+                    cell.clicks.fetch_max(clicks, Ordering::SeqCst);
+                    raise(&cell.last_clicked_at_s, last_clicked_at_s);
+                }
+                None => {
+                    let cell = self.keyed.entry(code.into()).or_default();
+                    cell.clicks.fetch_max(clicks, Ordering::SeqCst);
+                    cell.saved_clicks.fetch_max(clicks, Ordering::SeqCst);
+                    raise(&cell.last_clicked_at_s, last_clicked_at_s);
+                }
+            }
             restored += 1;
         }
         Ok(restored)
     }
 
     /// Writes every count to `dir/clicks.tsv` durably (temp file, fsync, rename), then empties
-    /// the changes file, and returns how many links it wrote. Blocking: call it off the async
+    /// the changes file, and returns how many lines it wrote. Blocking: call it off the async
     /// workers.
     pub fn save(&self, dir: &Path) -> Result<usize, ClicksError> {
+        let _persisting = self.lock_persisting();
         let path = dir.join(CLICKS_FILE);
-        let mut text = String::with_capacity(self.cells.len() * 32 + CLICKS_FILE_HEADER.len() + 1);
-        text.push_str(CLICKS_FILE_HEADER);
+        let mut text = String::from(CLICKS_FILE_HEADER);
         text.push('\n');
         let mut saved = 0;
-        for entry in self.cells.iter() {
-            let clicks = entry.clicks.load(Ordering::Relaxed);
-            let last = entry.last_clicked_at_s.load(Ordering::Relaxed);
-            let _ = writeln!(text, "{}\t{clicks}\t{last}", entry.key());
-            entry.saved_clicks.store(clicks, Ordering::Relaxed);
-            saved += 1;
+        if let Some(dense) = &*self.dense.load() {
+            let keyed_empty = self.keyed.is_empty();
+            for word in dense.changed.iter() {
+                word.store(0, Ordering::SeqCst);
+            }
+            for slot in 0..dense.cells.len() {
+                saved += usize::from(self.write_dense_line(&mut text, (dense, keyed_empty), slot));
+            }
         }
+        saved += self.write_keyed_lines(&mut text, true);
         crate::fsutil::write_durably(&path, text.as_bytes())
             .map_err(|cause| ClicksError::Write { path, cause })?;
         let changes = dir.join(CLICK_CHANGES_FILE);
@@ -197,22 +503,29 @@ impl ClickCounters {
     }
 
     /// Appends the counts that changed since the last save to `dir/clicks-changes.tsv` and
-    /// fsyncs it; returns how many links changed and the changes file's size. After an error
+    /// fsyncs it; returns how many lines it wrote and the changes file's size. After an error
     /// some changes may be marked saved without being on disk: follow it with [`Self::save`].
     pub fn save_changes(&self, dir: &Path) -> Result<SavedChanges, ClicksError> {
+        let _persisting = self.lock_persisting();
         let path = dir.join(CLICK_CHANGES_FILE);
         let mut text = String::new();
         let mut links = 0;
-        for entry in self.cells.iter() {
-            let clicks = entry.clicks.load(Ordering::Relaxed);
-            if clicks == entry.saved_clicks.load(Ordering::Relaxed) {
-                continue;
+        if let Some(dense) = &*self.dense.load() {
+            let keyed_empty = self.keyed.is_empty();
+            for (index, word) in dense.changed.iter().enumerate() {
+                if word.load(Ordering::SeqCst) == 0 {
+                    continue;
+                }
+                let mut bits = word.swap(0, Ordering::SeqCst);
+                while bits != 0 {
+                    let slot = index * 64 + bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    links +=
+                        usize::from(self.write_dense_line(&mut text, (dense, keyed_empty), slot));
+                }
             }
-            let last = entry.last_clicked_at_s.load(Ordering::Relaxed);
-            let _ = writeln!(text, "{}\t{clicks}\t{last}", entry.key());
-            entry.saved_clicks.store(clicks, Ordering::Relaxed);
-            links += 1;
         }
+        links += self.write_keyed_lines(&mut text, false);
         let write_error = |cause| ClicksError::Write {
             path: path.clone(),
             cause,
@@ -231,6 +544,48 @@ impl ClickCounters {
         Ok(SavedChanges { links, file_bytes })
     }
 
+    /// Writes the total of the link in `slot` of the dense counts, if it was ever clicked
+    /// (`keyed_empty`: the keyed map was empty when the save began, so it adds nothing; what a
+    /// click adds to it meanwhile is written by [`Self::write_keyed_lines`]).
+    fn write_dense_line(
+        &self,
+        text: &mut String,
+        (dense, keyed_empty): (&DenseCounts, bool),
+        slot: usize,
+    ) -> bool {
+        let stats = dense.stats_at(slot);
+        if stats.clicks == 0 {
+            return false;
+        }
+        let Some(code) = dense.snapshot.code_at(slot) else {
+            return false;
+        };
+        let keyed = if keyed_empty {
+            ClickStats::default()
+        } else {
+            self.keyed_stats(code)
+        };
+        write_line(text, code, stats.plus(keyed));
+        true
+    }
+
+    /// Writes the totals of the keyed map's links (`all`, or those that changed since their
+    /// last save) and marks them saved; returns how many.
+    fn write_keyed_lines(&self, text: &mut String, all: bool) -> usize {
+        let mut written = 0;
+        for entry in self.keyed.iter() {
+            let clicks = entry.clicks.load(Ordering::SeqCst);
+            if !all && clicks == entry.saved_clicks.load(Ordering::SeqCst) {
+                continue;
+            }
+            let keyed = stats_of(&entry.clicks, &entry.last_clicked_at_s);
+            write_line(text, entry.key(), keyed.plus(self.dense_stats(entry.key())));
+            entry.saved_clicks.store(clicks, Ordering::SeqCst);
+            written += 1;
+        }
+        written
+    }
+
     /// The size of `dir/clicks.tsv` (0 when there is none).
     pub fn saved_file_bytes(dir: &Path) -> u64 {
         std::fs::metadata(dir.join(CLICKS_FILE)).map_or(0, |meta| meta.len())
@@ -244,23 +599,33 @@ pub struct SavedChanges {
     pub file_bytes: u64,
 }
 
+fn write_line(text: &mut String, code: &str, stats: ClickStats) {
+    let _ = writeln!(
+        text,
+        "{code}\t{}\t{}",
+        stats.clicks,
+        stats.last_clicked_at_s.unwrap_or(0)
+    );
+}
+
+/// Counts a click in `cell` unless that would exceed `cap`; whether it did.
 fn count(cell: &ClickCell, cap: Option<u64>, now_s: i64) -> bool {
     match cap {
         None => {
-            cell.clicks.fetch_add(1, Ordering::Relaxed);
+            cell.clicks.fetch_add(1, Ordering::SeqCst);
         }
         Some(cap) => {
-            let claimed =
-                cell.clicks
-                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |clicks| {
-                        (clicks < cap).then_some(clicks + 1)
-                    });
+            let claimed = cell
+                .clicks
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |clicks| {
+                    (clicks < cap).then_some(clicks + 1)
+                });
             if claimed.is_err() {
                 return false;
             }
         }
     }
-    cell.last_clicked_at_s.fetch_max(now_s, Ordering::Relaxed);
+    raise(&cell.last_clicked_at_s, now_s);
     true
 }
 
@@ -277,7 +642,7 @@ mod tests {
                 let counters = counters.clone();
                 std::thread::spawn(move || {
                     (0..1000)
-                        .filter(|_| counters.record("abc", Some(777), 1))
+                        .filter(|_| counters.record("abc", None, Some(777), 1))
                         .count()
                 })
             })
@@ -298,9 +663,9 @@ mod tests {
         let path = dir.path().join(CLICKS_FILE);
         let counters = ClickCounters::default();
         assert_eq!(counters.restore(dir.path()).expect("missing files"), 0);
-        counters.record("abc", None, 50);
-        counters.record("abc", None, 60);
-        counters.record("x-y_z", Some(5), 70);
+        counters.record("abc", None, None, 50);
+        counters.record("abc", None, None, 60);
+        counters.record("x-y_z", None, Some(5), 70);
         assert_eq!(counters.save(dir.path()).expect("save"), 2);
         let restored = ClickCounters::default();
         std::fs::write(
@@ -326,16 +691,16 @@ mod tests {
     fn changes_are_appended_and_win_over_an_older_full_file() {
         let dir = tempfile::tempdir().expect("tempdir");
         let counters = ClickCounters::default();
-        counters.record("a", None, 10);
-        counters.record("b", None, 10);
+        counters.record("a", None, None, 10);
+        counters.record("b", None, None, 10);
         counters.save(dir.path()).expect("save");
         let unchanged = counters.save_changes(dir.path()).expect("no changes");
         assert_eq!((unchanged.links, unchanged.file_bytes), (0, 0));
-        counters.record("a", None, 20);
-        counters.record("c", None, 30);
+        counters.record("a", None, None, 20);
+        counters.record("c", None, None, 30);
         let first = counters.save_changes(dir.path()).expect("changes");
         assert_eq!(first.links, 2);
-        counters.record("a", None, 40);
+        counters.record("a", None, None, 40);
         let second = counters.save_changes(dir.path()).expect("more changes");
         assert_eq!(second.links, 1);
         assert!(second.file_bytes > first.file_bytes);
@@ -377,8 +742,8 @@ mod tests {
     fn uncapped_links_count_every_click() {
         let counters = ClickCounters::default();
         assert_eq!(counters.stats("x"), ClickStats::default());
-        assert!(counters.record("x", None, 10));
-        assert!(counters.record("x", None, 12));
+        assert!(counters.record("x", None, None, 10));
+        assert!(counters.record("x", None, None, 12));
         assert_eq!(
             counters.stats("x"),
             ClickStats {
@@ -386,6 +751,180 @@ mod tests {
                 last_clicked_at_s: Some(12)
             }
         );
-        assert!(!counters.record("y", Some(0), 1));
+        assert!(!counters.record("y", None, Some(0), 1));
+    }
+
+    fn snapshot_of(dir: &Path, name: &str, codes: &[String]) -> Arc<Snapshot> {
+        let mut builder = crate::store::snapshot::SnapshotBuilder::default();
+        for code in codes {
+            builder
+                .add(crate::store::link::LinkView {
+                    code,
+                    long_url: "https://example.com/",
+                    meta: crate::store::link::LinkMeta::new(1),
+                })
+                .expect("add");
+        }
+        let path = dir.join(name);
+        builder.write(&path, 0).expect("write");
+        Arc::new(Snapshot::open(&path).expect("open"))
+    }
+
+    fn codes(count: usize) -> Vec<String> {
+        (0..count).map(|i| format!("c{i}")).collect()
+    }
+
+    /// A click as the redirect path makes it: the slot from `snapshot`, if the code is there.
+    fn click(counters: &ClickCounters, snapshot: &Snapshot, code: &str, cap: Option<u64>) -> bool {
+        let slot = snapshot.lookup_slot(code).map(|(slot, _)| SnapshotSlot {
+            snapshot_id: snapshot.id(),
+            slot,
+        });
+        counters.record(code, slot, cap, 100)
+    }
+
+    #[test]
+    fn dense_and_keyed_counts_add_up_and_round_trip() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let snapshot = snapshot_of(dir.path(), "s1", &codes(3));
+        let counters = ClickCounters::default();
+        counters.follow(snapshot.clone());
+        for _ in 0..3 {
+            click(&counters, &snapshot, "c0", None);
+        }
+        click(&counters, &snapshot, "c1", None);
+        // Not in the snapshot (a link in the overlay): the keyed map.
+        click(&counters, &snapshot, "new", None);
+        click(&counters, &snapshot, "new", None);
+        assert_eq!(counters.keyed.len(), 1, "only the overlay link is keyed");
+        assert_eq!(counters.stats("c0").clicks, 3);
+        assert_eq!(counters.stats("c1").clicks, 1);
+        assert_eq!(counters.stats("c2"), ClickStats::default());
+        assert_eq!(counters.stats("new").clicks, 2);
+        assert_eq!(counters.clicks_total(), 6);
+        assert_eq!(counters.save(dir.path()).expect("save"), 3);
+
+        let restored = ClickCounters::default();
+        restored.follow(snapshot.clone());
+        assert_eq!(restored.restore(dir.path()).expect("restore"), 3);
+        assert_eq!(
+            restored.keyed.len(),
+            1,
+            "snapshot links restored to their slots"
+        );
+        for code in ["c0", "c1", "c2", "new"] {
+            assert_eq!(restored.stats(code), counters.stats(code), "{code}");
+        }
+    }
+
+    #[test]
+    fn only_changed_dense_counts_are_appended() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let snapshot = snapshot_of(dir.path(), "s1", &codes(200));
+        let counters = ClickCounters::default();
+        counters.follow(snapshot.clone());
+        click(&counters, &snapshot, "c7", None);
+        counters.save(dir.path()).expect("save");
+        assert_eq!(counters.save_changes(dir.path()).expect("none").links, 0);
+        click(&counters, &snapshot, "c150", None);
+        click(&counters, &snapshot, "c7", None);
+        assert_eq!(counters.save_changes(dir.path()).expect("two").links, 2);
+        assert_eq!(
+            counters.save_changes(dir.path()).expect("none again").links,
+            0
+        );
+
+        let restored = ClickCounters::default();
+        restored.follow(snapshot);
+        restored.restore(dir.path()).expect("restore");
+        assert_eq!(restored.stats("c7").clicks, 2);
+        assert_eq!(restored.stats("c150").clicks, 1);
+    }
+
+    #[test]
+    fn a_cap_counts_the_clicks_from_before_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let snapshot = snapshot_of(dir.path(), "s1", &codes(1));
+        let counters = ClickCounters::default();
+        counters.follow(snapshot.clone());
+        for _ in 0..5 {
+            assert!(click(&counters, &snapshot, "c0", None));
+        }
+        let served = (0..10)
+            .filter(|_| click(&counters, &snapshot, "c0", Some(7)))
+            .count();
+        assert_eq!(served, 2);
+        assert_eq!(counters.stats("c0").clicks, 7);
+        assert!(counters.capped("c0", Some(7)));
+    }
+
+    #[test]
+    fn counts_follow_the_store_to_a_new_snapshot_while_clicks_go_on() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = snapshot_of(dir.path(), "s1", &codes(1000));
+        // Another table size, so every link sits in another slot; c999 is gone.
+        let second = snapshot_of(
+            dir.path(),
+            "s2",
+            &codes(999)
+                .into_iter()
+                .chain(codes(3000).into_iter().skip(1000))
+                .collect::<Vec<_>>(),
+        );
+        let store = Arc::new(arc_swap::ArcSwap::new(first.clone()));
+        let counters = Arc::new(ClickCounters::default());
+        counters.follow(first.clone());
+        let stop = Arc::new(AtomicBool::new(false));
+        let clickers: Vec<_> = (0..3u64)
+            .map(|seed| {
+                let (store, counters, stop) = (store.clone(), counters.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut served = vec![0u64; 1000];
+                    let mut state = seed + 1;
+                    while !stop.load(Ordering::Relaxed) {
+                        state = state
+                            .wrapping_mul(6_364_136_223_846_793_005)
+                            .wrapping_add(1);
+                        let index = (state >> 33) as usize % 1000;
+                        let code = format!("c{index}");
+                        let snapshot = store.load();
+                        if click(&counters, &snapshot, &code, None) {
+                            served[index] += 1;
+                        }
+                    }
+                    served
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(50));
+        store.store(second.clone());
+        std::thread::sleep(Duration::from_millis(20));
+        counters.follow(second.clone());
+        std::thread::sleep(Duration::from_millis(50));
+        stop.store(true, Ordering::Relaxed);
+        let mut served = vec![0u64; 1000];
+        for clicker in clickers {
+            for (total, count) in served.iter_mut().zip(clicker.join().expect("clicker")) {
+                *total += count;
+            }
+        }
+        for (index, expected) in served.iter().enumerate() {
+            let code = format!("c{index}");
+            assert_eq!(counters.stats(&code).clicks, *expected, "{code}");
+        }
+        assert!(
+            counters.keyed.len() < 1000,
+            "clicks made while the counts moved were folded in"
+        );
+
+        // And all of it is saved and restored against the new snapshot.
+        counters.save(dir.path()).expect("save");
+        let restored = ClickCounters::default();
+        restored.follow(second);
+        restored.restore(dir.path()).expect("restore");
+        for (index, expected) in served.iter().enumerate() {
+            let code = format!("c{index}");
+            assert_eq!(restored.stats(&code).clicks, *expected, "{code} restored");
+        }
     }
 }

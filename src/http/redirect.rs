@@ -104,7 +104,7 @@ pub fn decide<R>(
     let Some(store) = app.store() else {
         return render(Verdict::NotReady);
     };
-    store.lookup(code, |link| {
+    store.lookup_placed(code, |link, slot| {
         let Some(link) = link else {
             // Only misses pay for the shard check.
             return render(if app.misdirected(code) {
@@ -120,7 +120,7 @@ pub fn decide<R>(
         let served = if head {
             !app.clicks.capped(code, cap)
         } else {
-            app.clicks.record(code, cap, now_s)
+            app.clicks.record(code, slot, cap, now_s)
         };
         if !served {
             return render(Verdict::Gone(Gone::ClickCapReached));

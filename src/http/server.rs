@@ -305,7 +305,8 @@ struct ClickCheckpoints {
 
 impl ClickCheckpoints {
     /// Makes changed click counts durable every `clicks_checkpoint_ms`, on a background thread,
-    /// so that writing them never holds up a redirect.
+    /// so that writing them never holds up a redirect; first moves the counts to the snapshot
+    /// lookups read, if the store swapped it since.
     fn start(app: Arc<App>) -> std::io::Result<ClickCheckpoints> {
         let (stop, stopped) = crossbeam_channel::bounded::<()>(1);
         let every = Duration::from_millis(app.config.clicks_checkpoint_ms);
@@ -316,7 +317,8 @@ impl ClickCheckpoints {
             {
                 // Only once the store (and with it the saved counts) was read, or the counts
                 // of the previous run would be overwritten.
-                if app.store().is_some() {
+                if let Some(store) = app.store() {
+                    app.clicks.follow(store.current_snapshot());
                     full_owed = checkpoint_clicks(&app, full_owed);
                 }
             }
@@ -366,6 +368,7 @@ fn open_store(app: &App) -> Result<(), ServeError> {
         recovery.wal_records_replayed,
         recovery.last_seq
     );
+    app.clicks.follow(store.current_snapshot());
     let restored = app.clicks.restore(&config.data_dir)?;
     if restored > 0 {
         tracing::info!(

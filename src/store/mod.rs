@@ -63,6 +63,13 @@ pub enum StoreError {
     SnapshotInProgress,
 }
 
+/// Where a link found in the snapshot sits: its table slot in the snapshot with this id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnapshotSlot {
+    pub snapshot_id: u64,
+    pub slot: usize,
+}
+
 /// How to open a store. Passed explicitly because it decides durability.
 #[derive(Clone, Copy, Debug)]
 pub struct StoreOptions {
@@ -315,12 +322,37 @@ impl Store {
     /// Calls `f` with the link for `code`, if any, borrowed from the overlay or the mapped
     /// snapshot. The hot path: no allocation, no global lock, no I/O.
     pub fn lookup<R>(&self, code: &str, f: impl FnOnce(Option<LinkView<'_>>) -> R) -> R {
+        self.lookup_placed(code, |link, _| f(link))
+    }
+
+    /// [`Self::lookup`], also saying where a link from the snapshot sits in it (None for a link
+    /// from the overlay): per-link state elsewhere can live in an array by slot.
+    pub fn lookup_placed<R>(
+        &self,
+        code: &str,
+        f: impl FnOnce(Option<LinkView<'_>>, Option<SnapshotSlot>) -> R,
+    ) -> R {
         if let Some(entry) = self.shared.overlay.get(code) {
             if let Some(link) = entry.visible() {
-                return f(Some(link.view()));
+                return f(Some(link.view()), None);
             }
         }
-        f(self.shared.snapshot.load().lookup(code))
+        let snapshot = self.shared.snapshot.load();
+        match snapshot.lookup_slot(code) {
+            Some((slot, link)) => f(
+                Some(link),
+                Some(SnapshotSlot {
+                    snapshot_id: snapshot.id(),
+                    slot,
+                }),
+            ),
+            None => f(None, None),
+        }
+    }
+
+    /// The snapshot lookups currently read.
+    pub fn current_snapshot(&self) -> Arc<Snapshot> {
+        self.shared.snapshot.load_full()
     }
 
     /// An owned copy of the link for `code`.

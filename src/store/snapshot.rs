@@ -36,6 +36,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use hashbrown::HashTable;
@@ -525,8 +526,14 @@ fn write_body(
     Ok(header)
 }
 
+/// Ids of opened snapshots, so that state kept per table slot elsewhere (click counters) can
+/// tell which opening a slot number belongs to.
+static NEXT_SNAPSHOT_ID: AtomicU64 = AtomicU64::new(1);
+
 /// A mapped, verified snapshot file. Lookups read the mapping in place.
 pub struct Snapshot {
+    /// Unique among the snapshots this process opened.
+    id: u64,
     path: PathBuf,
     header: SnapshotHeader,
     map: Mmap,
@@ -601,6 +608,7 @@ impl Snapshot {
             let _ = map.advise(memmap2::Advice::Random);
         }
         Ok(Snapshot {
+            id: NEXT_SNAPSHOT_ID.fetch_add(1, Ordering::Relaxed),
             path: path.to_owned(),
             header,
             map,
@@ -632,8 +640,24 @@ impl Snapshot {
         unsafe { rkyv::access_unchecked::<ArchivedSnapshotBody>(&self.map[HEADER_BYTES..]) }
     }
 
+    /// Unique among the snapshots this process opened (a reopened file gets a new id).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Slots in the table: every [`Self::lookup_slot`] slot is below this.
+    pub fn slot_count(&self) -> usize {
+        self.slot_count
+    }
+
     /// Finds `code` with one probe sequence into the mapped table.
     pub fn lookup(&self, code: &str) -> Option<LinkView<'_>> {
+        self.lookup_slot(code).map(|(_, view)| view)
+    }
+
+    /// [`Self::lookup`], with the table slot that holds the link (stable for this snapshot's
+    /// life, unique per link).
+    pub fn lookup_slot(&self, code: &str) -> Option<(usize, LinkView<'_>)> {
         let body = self.body();
         let code = code.as_bytes();
         let hash = code_hash(code);
@@ -648,12 +672,22 @@ impl Snapshot {
             if word & !TEXT_OFFSET_MASK == tag {
                 let offset = word & TEXT_OFFSET_MASK;
                 if record_code(&body.text, offset) == code {
-                    return view(body, offset);
+                    return view(body, offset).map(|view| (at, view));
                 }
             }
             at = if at + 1 == self.slot_count { 0 } else { at + 1 };
         }
         None
+    }
+
+    /// The code of the link in table slot `slot`; None for an empty or out-of-range slot.
+    pub fn code_at(&self, slot: usize) -> Option<&str> {
+        let body = self.body();
+        let word = body.slots.get(slot)?.to_native();
+        if word == 0 {
+            return None;
+        }
+        std::str::from_utf8(record_code(&body.text, word & TEXT_OFFSET_MASK)).ok()
     }
 
     /// Every link in the file, tombstones included, in table order.
