@@ -76,6 +76,8 @@ fn in_process(c: &mut Criterion) {
         fsync: FsyncPolicy::Never,
     };
     let store = Store::open(dir.path(), options).expect("open");
+    // As `kurz serve` does once the store is open: clicks count by snapshot slot.
+    app.clicks.follow(store.current_snapshot());
     assert!(app.set_links(LinkService::local(store)));
     let peer: IpAddr = "127.0.0.1".parse().expect("ip");
 
