@@ -476,6 +476,118 @@ impl Classifier {
     }
 }
 
+/// What one batch of events is folded into.
+struct Fold<'a> {
+    aggregates: &'a mut Aggregates,
+    classifier: &'a mut Classifier,
+    countries: &'a CountryResolver,
+    log_lines: &'a mut Vec<u8>,
+    click_log: Option<&'a mut ClickLog>,
+}
+
+/// What [`fold`] saw.
+struct Folded {
+    bot_events: u64,
+    newest_at_s: i64,
+}
+
+/// The aggregator's work on each event: classifies it, applies it to the aggregates, appends its
+/// event-log line (and its click-log line).
+fn fold(into: &mut Fold<'_>, events: &[ClickEvent]) -> Folded {
+    let mut folded = Folded {
+        bot_events: 0,
+        newest_at_s: 0,
+    };
+    let aggregates = &mut *into.aggregates;
+    for event in events {
+        let agent = into
+            .classifier
+            .agent(aggregates, event.user_agent.as_deref());
+        let click = ClassifiedClick {
+            code: &event.code,
+            at_s: event.at_s,
+            referrer: into
+                .classifier
+                .referrer(aggregates, event.referer.as_deref()),
+            country: into.classifier.country(aggregates, into.countries, event),
+            browser: agent.browser,
+            os: agent.os,
+            bot: agent.bot,
+        };
+        aggregates.apply(&click);
+        write_log_line(into.log_lines, aggregates, &click);
+        if let Some(click_log) = &mut into.click_log {
+            click_log.push(&ClickLine {
+                code: &event.code,
+                at: &crate::timefmt::rfc3339(event.at_s),
+                at_s: event.at_s,
+                referer: cut(event.referer.as_deref()),
+                referrer_domain: aggregates.name(click.referrer),
+                user_agent: cut(event.user_agent.as_deref()),
+                client_ip: event.client_ip,
+                country: aggregates.name(click.country),
+                browser: aggregates.name(click.browser),
+                os: aggregates.name(click.os),
+                bot: click.bot,
+            });
+        }
+        folded.bot_events += u64::from(click.bot);
+        folded.newest_at_s = folded.newest_at_s.max(click.at_s);
+    }
+    folded
+}
+
+/// The aggregator thread's per-event work (classification, aggregation, event-log line) without
+/// its thread, queue and files, over aggregates of its own and without GeoIP or a click log. The
+/// aggregator benchmark's way in.
+pub struct EventFolder {
+    aggregates: Aggregates,
+    classifier: Classifier,
+    countries: CountryResolver,
+    log_lines: Vec<u8>,
+}
+
+impl Default for EventFolder {
+    fn default() -> EventFolder {
+        EventFolder {
+            aggregates: Aggregates::default(),
+            classifier: Classifier::default(),
+            countries: CountryResolver::without_database(),
+            log_lines: Vec::new(),
+        }
+    }
+}
+
+impl EventFolder {
+    /// Folds `events` in, as the aggregator does with a batch it drained. Consumes them: freeing
+    /// an event is part of the aggregator's cost.
+    pub fn fold(&mut self, events: Vec<ClickEvent>) {
+        fold(
+            &mut Fold {
+                aggregates: &mut self.aggregates,
+                classifier: &mut self.classifier,
+                countries: &self.countries,
+                log_lines: &mut self.log_lines,
+                click_log: None,
+            },
+            &events,
+        );
+    }
+
+    /// Empties the event-log lines folded so far, as a flush does, and returns their length in
+    /// bytes.
+    pub fn flush_log(&mut self) -> usize {
+        let bytes = self.log_lines.len();
+        self.log_lines.clear();
+        bytes
+    }
+
+    /// The aggregates folded so far.
+    pub fn aggregates(&self) -> &Aggregates {
+        &self.aggregates
+    }
+}
+
 impl Aggregator {
     fn run(&mut self, receiver: Receiver<ClickEvent>) {
         let mut next_flush = Instant::now() + self.options.flush_interval;
@@ -527,49 +639,20 @@ impl Aggregator {
     /// Classifies and applies `events` under one lock of the aggregates, and queues their log
     /// lines.
     fn take(&mut self, events: &[ClickEvent]) {
-        let mut bot_events = 0;
-        let mut newest_at_s = 0;
         let mut aggregates = self.shared.aggregates();
-        for event in events {
-            let agent = self
-                .classifier
-                .agent(&mut aggregates, event.user_agent.as_deref());
-            let click = ClassifiedClick {
-                code: &event.code,
-                at_s: event.at_s,
-                referrer: self
-                    .classifier
-                    .referrer(&mut aggregates, event.referer.as_deref()),
-                country: self
-                    .classifier
-                    .country(&mut aggregates, &self.options.countries, event),
-                browser: agent.browser,
-                os: agent.os,
-                bot: agent.bot,
-            };
-            aggregates.apply(&click);
-            write_log_line(&mut self.pending, &aggregates, &click);
-            if let Some(click_log) = &mut self.click_log {
-                click_log.push(&ClickLine {
-                    code: &event.code,
-                    at: &crate::timefmt::rfc3339(event.at_s),
-                    at_s: event.at_s,
-                    referer: cut(event.referer.as_deref()),
-                    referrer_domain: aggregates.name(click.referrer),
-                    user_agent: cut(event.user_agent.as_deref()),
-                    client_ip: event.client_ip,
-                    country: aggregates.name(click.country),
-                    browser: aggregates.name(click.browser),
-                    os: aggregates.name(click.os),
-                    bot: click.bot,
-                });
-            }
-            bot_events += u64::from(click.bot);
-            newest_at_s = newest_at_s.max(click.at_s);
-        }
+        let folded = fold(
+            &mut Fold {
+                aggregates: &mut aggregates,
+                classifier: &mut self.classifier,
+                countries: &self.options.countries,
+                log_lines: &mut self.pending,
+                click_log: self.click_log.as_mut(),
+            },
+            events,
+        );
         drop(aggregates);
         self.shared
-            .counted(events.len() as u64, bot_events, newest_at_s);
+            .counted(events.len() as u64, folded.bot_events, folded.newest_at_s);
     }
 
     fn flush(&mut self) {

@@ -1,0 +1,154 @@
+//! Click-aggregator benchmarks: the aggregator thread's work per click event (classification,
+//! the per-link aggregates, the event-log line, freeing the event) in-process, without its
+//! queue, thread or files. Two workloads over 1M synthetic codes: every event a link's first
+//! click (a fresh aggregator takes 1M distinct codes, as uniform traffic over many links does),
+//! and repeat clicks in a Zipf(1.0) mix (an aggregator that has seen the mix already).
+//!
+//! Run: `cargo bench --bench aggregator` (results in PERFORMANCE.md).
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+
+use kurz::analytics::pipeline::{ClickEvent, EventFolder};
+
+/// The server's allocator: what the aggregator costs depends on it.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+// Shared with the other benches, which also use its snapshot helpers.
+#[allow(dead_code)]
+mod common;
+
+use common::synthetic_links;
+
+const LINKS: usize = 1_000_000;
+/// Events per batch of the repeat-click workload (the aggregator's batch is up to 4096).
+const BATCH_EVENTS: usize = 4096;
+/// An hour boundary in 2027.
+const T: i64 = 1_800_000_000 - 1_800_000_000 % 3600;
+
+const USER_AGENTS: [&str; 6] = [
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0.0.0 Safari/537.36",
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.4 Mobile/15E148 Safari/604.1",
+    "Mozilla/5.0 (X11; Linux x86_64; rv:125.0) Gecko/20100101 Firefox/125.0",
+    "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0.0.0 Mobile Safari/537.36",
+    "Mozilla/5.0 (Macintosh; Intel Mac OS X 14_4) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.4 Safari/605.1.15",
+    "Slackbot-LinkExpanding 1.0 (+https://api.slack.com/robots)",
+];
+
+const REFERERS: [Option<&str>; 6] = [
+    None,
+    Some("https://www.google.com/"),
+    Some("https://t.co/"),
+    Some("https://news.ycombinator.com/item?id=40000000"),
+    None,
+    Some("https://www.reddit.com/r/rust/comments/abc/"),
+];
+
+/// The event of the `serial`th click, on `code`, as the redirect path hands it over (about
+/// 100k clicks a second, a handful of user agents and referrers).
+fn event(code: &str, serial: usize) -> ClickEvent {
+    ClickEvent {
+        code: code.into(),
+        at_s: T + (serial / 100_000) as i64,
+        referer: REFERERS[serial % REFERERS.len()].map(Into::into),
+        user_agent: Some(USER_AGENTS[serial % 7 % USER_AGENTS.len()].into()),
+        client_ip: Some(IpAddr::V4(Ipv4Addr::from(
+            0x0A00_0000 | serial as u32 & 0xFFFF,
+        ))),
+        country_header: None,
+    }
+}
+
+/// Indices in `0..count` drawn with weight `1 / (k + 1)` (Zipf, exponent 1), deterministic.
+fn zipf_indices(count: usize, draws: usize) -> Vec<usize> {
+    let mut cumulative = Vec::with_capacity(count);
+    let mut sum = 0.0;
+    for k in 0..count {
+        sum += 1.0 / (k + 1) as f64;
+        cumulative.push(sum);
+    }
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    (0..draws)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let target = (state >> 11) as f64 / (1u64 << 53) as f64 * sum;
+            cumulative.partition_point(|c| *c < target).min(count - 1)
+        })
+        .collect()
+}
+
+fn aggregator(c: &mut Criterion) {
+    let links = synthetic_links(LINKS, 7);
+    let codes: Vec<&str> = links.iter().map(|(code, _)| code.as_str()).collect();
+    let mut group = c.benchmark_group("aggregator");
+
+    // One iteration: 1M first clicks, in scattered order, into a fresh aggregator.
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(LINKS as u64));
+    group.bench_function("first_clicks_1m", |b| {
+        b.iter_custom(|iters| {
+            let mut elapsed = Duration::ZERO;
+            for _ in 0..iters {
+                let mut folder = EventFolder::default();
+                let mut serial = 0;
+                while serial < LINKS {
+                    let batch: Vec<ClickEvent> = (serial..(serial + BATCH_EVENTS).min(LINKS))
+                        .map(|i| event(codes[(i * 7_919) % LINKS], i))
+                        .collect();
+                    serial += batch.len();
+                    let start = Instant::now();
+                    folder.fold(batch);
+                    folder.flush_log();
+                    elapsed += start.elapsed();
+                }
+                // Freeing the aggregates is not part of a click's cost.
+                drop(folder);
+            }
+            elapsed
+        })
+    });
+
+    // One iteration: a batch of repeat clicks on a Zipf mix the aggregator has seen.
+    let zipf = zipf_indices(LINKS, LINKS);
+    let mut folder = EventFolder::default();
+    for (serial, chunk) in zipf.chunks(BATCH_EVENTS).enumerate() {
+        folder.fold(
+            chunk
+                .iter()
+                .map(|&i| event(codes[i], serial * BATCH_EVENTS))
+                .collect(),
+        );
+        folder.flush_log();
+    }
+    group.sample_size(50);
+    group.throughput(Throughput::Elements(BATCH_EVENTS as u64));
+    let mut next = 0;
+    group.bench_function("repeat_clicks_zipf", |b| {
+        b.iter_custom(|iters| {
+            let mut elapsed = Duration::ZERO;
+            for _ in 0..iters {
+                if next + BATCH_EVENTS > zipf.len() {
+                    next = 0;
+                }
+                let batch: Vec<ClickEvent> = (next..next + BATCH_EVENTS)
+                    .map(|i| event(codes[zipf[i]], i))
+                    .collect();
+                next += BATCH_EVENTS;
+                let start = Instant::now();
+                folder.fold(batch);
+                folder.flush_log();
+                elapsed += start.elapsed();
+            }
+            elapsed
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, aggregator);
+criterion_main!(benches);
