@@ -12,6 +12,8 @@ pub mod cluster;
 pub mod config;
 /// Import and export of link files (TSV, CSV, NDJSON).
 pub mod datafile;
+/// Integers as decimal digits into byte buffers, without `core::fmt`.
+pub mod decimal;
 /// Durable file replacement: temp file, fsync, rename, fsync dir.
 pub mod fsutil;
 /// The HTTP server: listeners, the redirect hot path, the JSON API, the admin listener.

@@ -145,8 +145,7 @@ struct CheckpointRef<'a> {
 fn write_log_line(line: &mut Vec<u8>, aggregates: &Aggregates, click: &ClassifiedClick<'_>) {
     line.extend_from_slice(click.code.as_bytes());
     line.push(b'\t');
-    // Writing into a Vec cannot fail.
-    let _ = write!(line, "{}", click.at_s);
+    crate::decimal::write_i64(line, click.at_s);
     for id in [click.referrer, click.country, click.browser, click.os] {
         line.push(b'\t');
         let name = aggregates.name(id);
@@ -387,10 +386,18 @@ struct Aggregator {
     click_log: Option<ClickLog>,
 }
 
+/// `value` cut to its first [`HEADER_BYTES_MAX`] characters.
 fn cut(value: Option<&str>) -> Option<&str> {
-    value.map(|value| match value.char_indices().nth(HEADER_BYTES_MAX) {
-        Some((at, _)) => &value[..at],
-        None => value,
+    value.map(|value| {
+        // No more bytes than the limit means no more characters: nothing to count (the redirect
+        // path hands over at most that many bytes).
+        if value.len() <= HEADER_BYTES_MAX {
+            return value;
+        }
+        match value.char_indices().nth(HEADER_BYTES_MAX) {
+            Some((at, _)) => &value[..at],
+            None => value,
+        }
     })
 }
 
