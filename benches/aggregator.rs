@@ -27,7 +27,7 @@ const LINKS: usize = 1_000_000;
 /// Events per batch of the repeat-click workload (the aggregator's batch is up to 4096).
 const BATCH_EVENTS: usize = 4096;
 /// An hour boundary in 2027.
-const T: i64 = 1_800_000_000 - 1_800_000_000 % 3600;
+const T: i64 = 1_800_000_000;
 
 const USER_AGENTS: [&str; 6] = [
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0.0.0 Safari/537.36",

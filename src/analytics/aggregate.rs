@@ -5,14 +5,22 @@
 //! by the stats API. Never sees a raw request: classification happens before a click gets here.
 //!
 //! Compact, because every clicked link has an entry: each distinct name (referrer domain,
-//! country, browser, ...) is interned once in [`Values`], and a link keeps one vector of 16-byte
-//! tallies sorted by (kind, key), the key being an hour, a day or a name's id. A link clicked
-//! once costs about 200 bytes; a click is a few binary searches and adds, with no allocation
-//! once the link and its names have been seen.
+//! country, browser, ...) is interned once in [`Values`], and a link keeps its tallies sorted by
+//! (kind, key), the key being an hour, a day or a name's id, 8 bytes each (kind and key in 32
+//! bits, the count in 32) with room for a first click's six inline; a link whose count or key
+//! outgrows that switches to 16-byte tallies. Links live in fixed-size chunks in the order they
+//! were first clicked (growing never copies one), found through a table of (hash, position)
+//! pairs (growing it rehashes 8-byte entries); codes up to 22 bytes are stored inline. A link
+//! clicked once costs about 130 bytes and no allocation of its own; a click is a hash lookup and
+//! a few binary searches and adds.
 
 use std::collections::HashMap;
+use std::fmt;
 
-use serde::{Deserialize, Serialize};
+use hashbrown::HashTable;
+use serde::de::{MapAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use smallvec::SmallVec;
 
 pub const HOUR_S: i64 = 3600;
 pub const DAY_S: i64 = 86_400;
@@ -155,7 +163,8 @@ impl Kind {
 }
 
 /// One counter of a link: clicks in an hour or a day (key = hours or days since the epoch), or
-/// clicks with a name (key = the name's id). Written to a checkpoint as `[kind, key, count]`.
+/// clicks with a name (key = the name's id). Written to a checkpoint as `[kind, key, count]`;
+/// in memory the form of a link whose tallies do not fit [`CompactTally`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(into = "(u8, u32, u64)", try_from = "(u8, u32, u64)")]
 struct Tally {
@@ -181,6 +190,180 @@ impl TryFrom<(u8, u32, u64)> for Tally {
     }
 }
 
+/// Largest key a [`CompactTally`] holds: hours up to the year 3883, every day, every name id.
+const COMPACT_KEY_MAX: u32 = (1 << 24) - 1;
+const _: () = assert!(VALUES_MAX <= COMPACT_KEY_MAX as usize + 1);
+const _: () = assert!(KINDS.len() <= 1 << 8);
+
+/// A tally in 8 bytes: the kind in the top 8 bits of `slot` and the key in the low 24, so that
+/// slots order as (kind, key) do; a count up to `u32::MAX`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct CompactTally {
+    slot: u32,
+    count: u32,
+}
+
+impl CompactTally {
+    /// The slot of (kind, key), if the key fits.
+    fn slot(kind: Kind, key: u32) -> Option<u32> {
+        (key <= COMPACT_KEY_MAX).then_some((kind as u32) << 24 | key)
+    }
+
+    fn of(tally: Tally) -> Option<CompactTally> {
+        Some(CompactTally {
+            slot: CompactTally::slot(tally.kind, tally.key)?,
+            count: u32::try_from(tally.count).ok()?,
+        })
+    }
+
+    fn wide(self) -> Tally {
+        Tally {
+            // Slots are only ever made from a Kind, by `slot`.
+            kind: KINDS[(self.slot >> 24) as usize],
+            key: self.slot & COMPACT_KEY_MAX,
+            count: u64::from(self.count),
+        }
+    }
+}
+
+/// Tallies a first human click makes (hour, day, referrer, country, browser, OS): a link clicked
+/// once keeps them inline.
+const FIRST_CLICK_TALLIES: usize = 6;
+
+/// A link's tallies, sorted by (kind, key) and unique: compact while every key and count fits,
+/// wide from the first that does not (for good: a count never shrinks).
+#[derive(Clone, Debug)]
+enum Tallies {
+    Compact(SmallVec<[CompactTally; FIRST_CLICK_TALLIES]>),
+    Wide(Vec<Tally>),
+}
+
+impl Default for Tallies {
+    fn default() -> Tallies {
+        Tallies::Compact(SmallVec::new())
+    }
+}
+
+impl Tallies {
+    fn from_wide(tallies: Vec<Tally>) -> Tallies {
+        match tallies
+            .iter()
+            .map(|tally| CompactTally::of(*tally))
+            .collect()
+        {
+            Some(compact) => Tallies::Compact(compact),
+            None => Tallies::Wide(tallies),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Tallies::Compact(tallies) => tallies.len(),
+            Tallies::Wide(tallies) => tallies.len(),
+        }
+    }
+
+    fn get(&self, index: usize) -> Option<Tally> {
+        match self {
+            Tallies::Compact(tallies) => tallies.get(index).map(|tally| tally.wide()),
+            Tallies::Wide(tallies) => tallies.get(index).copied(),
+        }
+    }
+
+    /// Where (kind, key) is, or where it would go.
+    fn find(&self, kind: Kind, key: u32) -> Result<usize, usize> {
+        match self {
+            Tallies::Compact(tallies) => match CompactTally::slot(kind, key) {
+                Some(slot) => tallies.binary_search_by_key(&slot, |tally| tally.slot),
+                // Past every key of its kind.
+                None => Err(tallies.partition_point(|tally| tally.slot >> 24 <= kind as u32)),
+            },
+            Tallies::Wide(tallies) => {
+                tallies.binary_search_by(|tally| (tally.kind, tally.key).cmp(&(kind, key)))
+            }
+        }
+    }
+
+    /// The index range of the tallies of `kind`.
+    fn range_of(&self, kind: Kind) -> std::ops::Range<usize> {
+        let start = self.find(kind, 0).unwrap_or_else(|at| at);
+        let end = match self {
+            Tallies::Compact(tallies) => {
+                tallies.partition_point(|tally| tally.slot >> 24 <= kind as u32)
+            }
+            Tallies::Wide(tallies) => tallies.partition_point(|tally| tally.kind <= kind),
+        };
+        start..end
+    }
+
+    /// Adds one click to (kind, key).
+    fn add(&mut self, kind: Kind, key: u32) {
+        if let Tallies::Compact(tallies) = self {
+            if let Some(slot) = CompactTally::slot(kind, key) {
+                match tallies.binary_search_by_key(&slot, |tally| tally.slot) {
+                    Ok(index) => {
+                        if let Some(count) = tallies[index].count.checked_add(1) {
+                            tallies[index].count = count;
+                            return;
+                        }
+                    }
+                    Err(index) => {
+                        tallies.insert(index, CompactTally { slot, count: 1 });
+                        return;
+                    }
+                }
+            }
+            *self = Tallies::Wide(tallies.iter().map(|tally| tally.wide()).collect());
+        }
+        if let Tallies::Wide(tallies) = self {
+            match tallies.binary_search_by(|tally| (tally.kind, tally.key).cmp(&(kind, key))) {
+                Ok(index) => tallies[index].count += 1,
+                Err(index) => tallies.insert(
+                    index,
+                    Tally {
+                        kind,
+                        key,
+                        count: 1,
+                    },
+                ),
+            }
+        }
+    }
+
+    /// Keeps the tallies `keep` says yes to.
+    fn retain(&mut self, mut keep: impl FnMut(Tally) -> bool) {
+        match self {
+            Tallies::Compact(tallies) => tallies.retain(|tally| keep(tally.wide())),
+            Tallies::Wide(tallies) => tallies.retain(|tally| keep(*tally)),
+        }
+    }
+
+    /// Sorts by (kind, key), as a checkpoint may not have.
+    fn sort(&mut self) {
+        match self {
+            Tallies::Compact(tallies) => tallies.sort_unstable_by_key(|tally| tally.slot),
+            Tallies::Wide(tallies) => tallies.sort_unstable_by_key(|tally| (tally.kind, tally.key)),
+        }
+    }
+}
+
+impl Serialize for Tallies {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Tallies::Compact(tallies) => {
+                serializer.collect_seq(tallies.iter().map(|tally| tally.wide()))
+            }
+            Tallies::Wide(tallies) => tallies.serialize(serializer),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Tallies {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Tallies, D::Error> {
+        Vec::<Tally>::deserialize(deserializer).map(Tallies::from_wide)
+    }
+}
+
 /// The hour or day index of `at_s` in steps of `step_s` (none before the epoch).
 fn bucket_key(at_s: i64, step_s: i64) -> Option<u32> {
     u32::try_from(at_s.div_euclid(step_s)).ok()
@@ -194,49 +377,34 @@ pub struct LinkAggregates {
     #[serde(rename = "l")]
     last_at_s: i64,
     #[serde(rename = "t")]
-    tallies: Vec<Tally>,
+    tallies: Tallies,
 }
 
 impl LinkAggregates {
-    fn find(&self, kind: Kind, key: u32) -> Result<usize, usize> {
-        self.tallies
-            .binary_search_by(|tally| (tally.kind, tally.key).cmp(&(kind, key)))
-    }
-
     fn count(&self, kind: Kind, key: u32) -> u64 {
-        self.find(kind, key)
-            .map_or(0, |index| self.tallies[index].count)
+        self.tallies
+            .find(kind, key)
+            .ok()
+            .and_then(|index| self.tallies.get(index))
+            .map_or(0, |tally| tally.count)
     }
 
     /// The tallies of `kind`.
-    fn of_kind(&self, kind: Kind) -> &[Tally] {
-        let start = self.tallies.partition_point(|tally| tally.kind < kind);
-        let end = self.tallies.partition_point(|tally| tally.kind <= kind);
-        &self.tallies[start..end]
-    }
-
-    fn add(&mut self, kind: Kind, key: u32) {
-        match self.find(kind, key) {
-            Ok(index) => self.tallies[index].count += 1,
-            Err(index) => self.tallies.insert(
-                index,
-                Tally {
-                    kind,
-                    key,
-                    count: 1,
-                },
-            ),
-        }
+    fn of_kind(&self, kind: Kind) -> Vec<Tally> {
+        self.tallies
+            .range_of(kind)
+            .filter_map(|index| self.tallies.get(index))
+            .collect()
     }
 
     /// Adds a named click, counting it as "other" once the link has [`DISTINCT_VALUES_MAX`]
     /// names of this kind.
     fn add_named(&mut self, kind: Kind, id: u32) {
-        let known = self.find(kind, id).is_ok();
-        if known || self.of_kind(kind).len() < DISTINCT_VALUES_MAX {
-            self.add(kind, id);
+        let known = self.tallies.find(kind, id).is_ok();
+        if known || self.tallies.range_of(kind).len() < DISTINCT_VALUES_MAX {
+            self.tallies.add(kind, id);
         } else {
-            self.add(kind, OTHER_ID);
+            self.tallies.add(kind, OTHER_ID);
         }
     }
 
@@ -249,10 +417,10 @@ impl LinkAggregates {
             (Kind::HourHuman, Kind::DayHuman)
         };
         if let Some(hour) = bucket_key(click.at_s, HOUR_S) {
-            self.add(hour_kind, hour);
+            self.tallies.add(hour_kind, hour);
         }
         if let Some(day) = bucket_key(click.at_s, DAY_S) {
-            self.add(day_kind, day);
+            self.tallies.add(day_kind, day);
         }
         if click.bot {
             self.add_named(Kind::Bot, click.browser);
@@ -276,7 +444,7 @@ impl LinkAggregates {
     fn top(&self, kind: Kind, values: &Values) -> Vec<(String, u64)> {
         let mut entries: Vec<(String, u64)> = self
             .of_kind(kind)
-            .iter()
+            .into_iter()
             .map(|tally| (values.name(tally.key).to_owned(), tally.count))
             .collect();
         entries.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
@@ -286,21 +454,18 @@ impl LinkAggregates {
 
     /// Checks what a checkpoint said: known names, sorted unique tallies.
     fn validate(&mut self, values: &Values) -> Result<(), String> {
-        self.tallies
-            .sort_unstable_by_key(|tally| (tally.kind, tally.key));
-        for pair in self.tallies.windows(2) {
-            if (pair[0].kind, pair[0].key) == (pair[1].kind, pair[1].key) {
+        self.tallies.sort();
+        let mut previous = None;
+        for tally in (0..self.tallies.len()).filter_map(|index| self.tallies.get(index)) {
+            if previous == Some((tally.kind, tally.key)) {
                 return Err("a tally is listed twice".into());
             }
+            if tally.kind.names_a_value() && tally.key as usize >= values.names.len() {
+                return Err(format!("value id {} is not in the value list", tally.key));
+            }
+            previous = Some((tally.kind, tally.key));
         }
-        match self
-            .tallies
-            .iter()
-            .find(|tally| tally.kind.names_a_value() && tally.key as usize >= values.names.len())
-        {
-            Some(tally) => Err(format!("value id {} is not in the value list", tally.key)),
-            None => Ok(()),
-        }
+        Ok(())
     }
 
     /// Answers `query` (the window is aligned down to whole buckets); `now_s` says which hours
@@ -427,25 +592,201 @@ pub struct StatsQuery {
     pub granularity: Granularity,
 }
 
+/// Links per chunk of [`Links`]: a chunk is allocated whole and never moves.
+const LINKS_PER_CHUNK: usize = 4096;
+/// Longest code stored inline (generated codes are 7 bytes); longer ones go on the heap.
+const CODE_INLINE_BYTES_MAX: usize = 22;
+
+/// A link's code.
+#[derive(Clone, Debug)]
+enum Code {
+    Inline {
+        len: u8,
+        bytes: [u8; CODE_INLINE_BYTES_MAX],
+    },
+    Heap(Box<str>),
+}
+
+impl Code {
+    fn new(code: &str) -> Code {
+        if code.len() > CODE_INLINE_BYTES_MAX {
+            return Code::Heap(code.into());
+        }
+        let mut bytes = [0; CODE_INLINE_BYTES_MAX];
+        bytes[..code.len()].copy_from_slice(code.as_bytes());
+        Code::Inline {
+            len: code.len() as u8,
+            bytes,
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            Code::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Code::Heap(code) => code.as_bytes(),
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            // The bytes were copied whole from a str, so they are UTF-8.
+            Code::Inline { .. } => std::str::from_utf8(self.as_bytes()).unwrap_or_default(),
+            Code::Heap(code) => code,
+        }
+    }
+}
+
+/// One clicked link.
+#[derive(Clone, Debug)]
+struct Link {
+    code: Code,
+    aggregates: LinkAggregates,
+}
+
+/// Where a link is, and the hash of its code (so that growing the table never reads a link).
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    hash: u32,
+    position: u32,
+}
+
+/// The table's hash of a [`Slot`]: the stored 32 bits spread over 64, so the table's bucket bits
+/// (low) and tag bits (high) both depend on all of them.
+fn table_hash(hash: u32) -> u64 {
+    u64::from(hash).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+/// Every clicked link's aggregates by code: the links in chunks in the order they were first
+/// clicked, and a table of [`Slot`]s to find them. At most `u32::MAX` links.
+#[derive(Debug, Default)]
+struct Links {
+    index: HashTable<Slot>,
+    chunks: Vec<Vec<Link>>,
+    len: u32,
+    hasher: ahash::RandomState,
+}
+
+impl Links {
+    fn hash(&self, code: &str) -> u32 {
+        (self.hasher.hash_one(code.as_bytes()) >> 32) as u32
+    }
+
+    fn at(&self, position: u32) -> &Link {
+        let position = position as usize;
+        &self.chunks[position / LINKS_PER_CHUNK][position % LINKS_PER_CHUNK]
+    }
+
+    fn at_mut(&mut self, position: u32) -> &mut Link {
+        let position = position as usize;
+        &mut self.chunks[position / LINKS_PER_CHUNK][position % LINKS_PER_CHUNK]
+    }
+
+    fn position(&self, hash: u32, code: &str) -> Option<u32> {
+        self.index
+            .find(table_hash(hash), |slot| {
+                slot.hash == hash && self.at(slot.position).code.as_bytes() == code.as_bytes()
+            })
+            .map(|slot| slot.position)
+    }
+
+    fn get(&self, code: &str) -> Option<&LinkAggregates> {
+        let position = self.position(self.hash(code), code)?;
+        Some(&self.at(position).aggregates)
+    }
+
+    /// The aggregates of `code`, added empty if it has none; `None` when there is no room for
+    /// another link.
+    fn get_or_add(&mut self, code: &str) -> Option<&mut LinkAggregates> {
+        let hash = self.hash(code);
+        let position = match self.position(hash, code) {
+            Some(position) => position,
+            None => self.add(hash, code)?,
+        };
+        Some(&mut self.at_mut(position).aggregates)
+    }
+
+    fn add(&mut self, hash: u32, code: &str) -> Option<u32> {
+        let position = self.len;
+        self.len = position.checked_add(1)?;
+        if (position as usize).is_multiple_of(LINKS_PER_CHUNK) {
+            self.chunks.push(Vec::with_capacity(LINKS_PER_CHUNK));
+        }
+        self.chunks.last_mut()?.push(Link {
+            code: Code::new(code),
+            aggregates: LinkAggregates::default(),
+        });
+        self.index
+            .insert_unique(table_hash(hash), Slot { hash, position }, |slot| {
+                table_hash(slot.hash)
+            });
+        Some(position)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Link> {
+        self.chunks.iter().flatten()
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = &mut Link> {
+        self.chunks.iter_mut().flatten()
+    }
+}
+
+impl Serialize for Links {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(
+            self.iter()
+                .map(|link| (link.code.as_str(), &link.aggregates)),
+        )
+    }
+}
+
+impl<'de> Deserialize<'de> for Links {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Links, D::Error> {
+        struct LinksVisitor;
+
+        impl<'de> Visitor<'de> for LinksVisitor {
+            type Value = Links;
+
+            fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+                formatter.write_str("a map of codes to link aggregates")
+            }
+
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Links, M::Error> {
+                let mut links = Links::default();
+                while let Some((code, aggregates)) = map.next_entry::<String, LinkAggregates>()? {
+                    // A code listed twice: the last one counts, as in any JSON map.
+                    let link = links.get_or_add(&code).ok_or_else(|| {
+                        serde::de::Error::custom("more links than the aggregates hold")
+                    })?;
+                    *link = aggregates;
+                }
+                Ok(links)
+            }
+        }
+
+        deserializer.deserialize_map(LinksVisitor)
+    }
+}
+
 /// Aggregates of every link that has been clicked, and the names they use. Written to a
 /// checkpoint as `{"values": [names by id], "links": {code: {"n","l","t"}}}`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(try_from = "AggregatesFile")]
 pub struct Aggregates {
     values: Values,
-    links: FastMap<Box<str>, LinkAggregates>,
+    links: Links,
 }
 
 #[derive(Deserialize)]
 struct AggregatesFile {
     values: Vec<Box<str>>,
-    links: FastMap<Box<str>, LinkAggregates>,
+    links: Links,
 }
 
 #[derive(Serialize)]
 struct AggregatesFileRef<'a> {
     values: &'a [Box<str>],
-    links: &'a FastMap<Box<str>, LinkAggregates>,
+    links: &'a Links,
 }
 
 impl TryFrom<AggregatesFile> for Aggregates {
@@ -454,9 +795,10 @@ impl TryFrom<AggregatesFile> for Aggregates {
     fn try_from(file: AggregatesFile) -> Result<Aggregates, String> {
         let values = Values::from_names(file.values)?;
         let mut links = file.links;
-        for (code, link) in links.iter_mut() {
-            link.validate(&values)
-                .map_err(|error| format!("link {code:?}: {error}"))?;
+        for link in links.iter_mut() {
+            link.aggregates
+                .validate(&values)
+                .map_err(|error| format!("link {:?}: {error}", link.code.as_str()))?;
         }
         Ok(Aggregates { values, links })
     }
@@ -483,25 +825,17 @@ impl Aggregates {
         self.values.name(id)
     }
 
+    /// Counts `click`; a click of a new link once `u32::MAX` links have been clicked is not
+    /// counted (there is no room to say which link it was).
     pub fn apply(&mut self, click: &ClassifiedClick<'_>) {
-        match self.links.get_mut(click.code) {
-            Some(link) => link.apply(click),
-            None => {
-                // Room for exactly the tallies a first click makes (most links stay small).
-                let first_tallies = if click.bot { 3 } else { 6 };
-                let mut link = LinkAggregates {
-                    tallies: Vec::with_capacity(first_tallies),
-                    ..LinkAggregates::default()
-                };
-                link.apply(click);
-                self.links.insert(click.code.into(), link);
-            }
+        if let Some(link) = self.links.get_or_add(click.code) {
+            link.apply(click);
         }
     }
 
     pub fn prune(&mut self, now_s: i64) {
-        for link in self.links.values_mut() {
-            link.prune(now_s);
+        for link in self.links.iter_mut() {
+            link.aggregates.prune(now_s);
         }
     }
 
@@ -693,5 +1027,206 @@ mod tests {
                 "accepted {damaged}"
             );
         }
+    }
+
+    fn day_query(from_s: i64) -> StatsQuery {
+        StatsQuery {
+            from_s,
+            to_s: from_s + DAY_S,
+            granularity: Granularity::Day,
+        }
+    }
+
+    fn round_trip(aggregates: &Aggregates) -> Aggregates {
+        let json = serde_json::to_string(aggregates).expect("serialise");
+        serde_json::from_str(&json).expect("read back")
+    }
+
+    #[test]
+    fn compact_and_wide_tallies_count_alike() {
+        let mut compact = Tallies::default();
+        let mut wide = Tallies::Wide(Vec::new());
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        for _ in 0..5000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let kind = KINDS[(state % KINDS.len() as u64) as usize];
+            let key = ((state >> 8) % 40) as u32 * 100_003;
+            compact.add(kind, key);
+            wide.add(kind, key);
+        }
+        assert!(matches!(compact, Tallies::Compact(_)));
+        assert_eq!(compact.len(), wide.len());
+        for index in 0..=compact.len() {
+            assert_eq!(compact.get(index), wide.get(index));
+        }
+        for kind in KINDS {
+            assert_eq!(compact.range_of(kind), wide.range_of(kind));
+            for key in [0, 100_003, 39 * 100_003, 7, COMPACT_KEY_MAX, u32::MAX] {
+                assert_eq!(
+                    compact.find(kind, key),
+                    wide.find(kind, key),
+                    "{kind:?} {key}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_count_past_the_compact_range_goes_on_counting() {
+        let mut aggregates = Aggregates::default();
+        apply(&mut aggregates, T, false, "direct");
+        let link = aggregates.links.get_or_add("abc").expect("room");
+        let Tallies::Compact(tallies) = &mut link.tallies else {
+            panic!("a first click's tallies are compact");
+        };
+        // As after 4 billion clicks.
+        for tally in tallies.iter_mut() {
+            tally.count = u32::MAX;
+        }
+        link.total.human = u64::from(u32::MAX);
+        apply(&mut aggregates, T, false, "direct");
+        let beyond = u64::from(u32::MAX) + 1;
+        for aggregates in [&aggregates, &round_trip(&aggregates)] {
+            let link = aggregates.links.get("abc").expect("clicked");
+            assert!(matches!(link.tallies, Tallies::Wide(_)));
+            let stats = stats(aggregates, day_query(T));
+            assert_eq!(stats.human_total, beyond);
+            assert_eq!(
+                stats.window,
+                Counts {
+                    human: beyond,
+                    bot: 0
+                }
+            );
+            assert_eq!(stats.referrers, vec![("direct".to_owned(), beyond)]);
+            assert_eq!(stats.countries, vec![("DE".to_owned(), beyond)]);
+        }
+    }
+
+    #[test]
+    fn an_hour_past_the_compact_range_is_kept() {
+        let mut aggregates = Aggregates::default();
+        let far_s = i64::from(COMPACT_KEY_MAX + 1) * HOUR_S;
+        for at_s in [far_s - HOUR_S, far_s, far_s] {
+            apply(&mut aggregates, at_s, false, "direct");
+        }
+        let query = StatsQuery {
+            from_s: far_s - HOUR_S,
+            to_s: far_s + HOUR_S,
+            granularity: Granularity::Hour,
+        };
+        for aggregates in [&aggregates, &round_trip(&aggregates)] {
+            let link = aggregates.links.get("abc").expect("clicked");
+            assert!(matches!(link.tallies, Tallies::Wide(_)));
+            let stats = aggregates
+                .stats("abc", query, far_s)
+                .expect("clicked")
+                .expect("stats");
+            let counts: Vec<u64> = stats.buckets.iter().map(|bucket| bucket.human).collect();
+            assert_eq!(counts, vec![1, 2]);
+        }
+    }
+
+    #[test]
+    fn codes_of_every_length_are_told_apart() {
+        let long = "x".repeat(64);
+        let codes = [
+            "a",
+            "ab",
+            "ab\0",
+            "abc",
+            "0123456789012345678901",
+            "01234567890123456789012",
+            long.as_str(),
+            "ünïcödé-über-dem-limit",
+        ];
+        let mut aggregates = Aggregates::default();
+        for (clicks, code) in codes.iter().enumerate() {
+            for _ in 0..=clicks {
+                let click = ClassifiedClick {
+                    code,
+                    at_s: T,
+                    referrer: OTHER_ID,
+                    country: OTHER_ID,
+                    browser: OTHER_ID,
+                    os: OTHER_ID,
+                    bot: false,
+                };
+                aggregates.apply(&click);
+            }
+        }
+        for aggregates in [&aggregates, &round_trip(&aggregates)] {
+            for (clicks, code) in codes.iter().enumerate() {
+                let stats = aggregates
+                    .stats(code, day_query(T), T)
+                    .expect("clicked")
+                    .expect("stats");
+                assert_eq!(stats.human_total, clicks as u64 + 1, "{code:?}");
+            }
+            assert!(aggregates.stats("abcd", day_query(T), T).is_none());
+            assert!(aggregates.stats("", day_query(T), T).is_none());
+        }
+    }
+
+    #[test]
+    fn links_past_one_chunk_are_all_found() {
+        let links = 3 * LINKS_PER_CHUNK + 5;
+        let mut aggregates = Aggregates::default();
+        for i in 0..links {
+            for _ in 0..i % 3 + 1 {
+                let code = format!("c{i}");
+                let click = ClassifiedClick {
+                    code: &code,
+                    at_s: T,
+                    referrer: OTHER_ID,
+                    country: OTHER_ID,
+                    browser: OTHER_ID,
+                    os: OTHER_ID,
+                    bot: i % 2 == 0,
+                };
+                aggregates.apply(&click);
+            }
+        }
+        assert_eq!(aggregates.links.len as usize, links);
+        for aggregates in [&aggregates, &round_trip(&aggregates)] {
+            for i in 0..links {
+                let stats = aggregates
+                    .stats(&format!("c{i}"), day_query(T), T)
+                    .expect("clicked")
+                    .expect("stats");
+                let clicks = (i % 3 + 1) as u64;
+                let expected = if i % 2 == 0 { (0, clicks) } else { (clicks, 0) };
+                assert_eq!((stats.human_total, stats.bot_total), expected);
+            }
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_in_the_format_of_earlier_versions_loads() {
+        // As written by kurz before tallies were compacted: unsorted tallies, a count past
+        // u32::MAX, and a code listed twice (the last one counts).
+        let hour = T / HOUR_S;
+        let day = T / DAY_S;
+        let json = format!(
+            r#"{{"values":["other","direct","DE","Firefox","Linux"],"links":{{
+                "abc":{{"n":{{"human":5000000000,"bot":0}},"l":{T},
+                    "t":[[4,1,5000000000],[0,{hour},2],[2,{day},5000000000],[5,2,5000000000],[6,3,5000000000],[7,4,5000000000]]}},
+                "xyz":{{"n":{{"human":1,"bot":0}},"l":{T},"t":[[0,{hour},1]]}},
+                "xyz":{{"n":{{"human":2,"bot":0}},"l":{T},"t":[[0,{hour},2]]}}}}}}"#
+        );
+        let aggregates: Aggregates = serde_json::from_str(&json).expect("an old checkpoint");
+        let stats = stats(&aggregates, day_query(T));
+        assert_eq!(stats.human_total, 5_000_000_000);
+        assert_eq!(stats.window.human, 5_000_000_000);
+        assert_eq!(stats.referrers, vec![("direct".to_owned(), 5_000_000_000)]);
+        assert_eq!(stats.os, vec![("Linux".to_owned(), 5_000_000_000)]);
+        let xyz = aggregates
+            .stats("xyz", day_query(T), T)
+            .expect("clicked")
+            .expect("stats");
+        assert_eq!(xyz.human_total, 2);
+        assert_eq!(aggregates.links.len, 2);
     }
 }
