@@ -1,6 +1,6 @@
-//! Click-aggregator benchmarks: the aggregator thread's work per click event (classification,
-//! the per-link aggregates, the event-log line, freeing the event) in-process, without its
-//! queue, thread or files. Two workloads over 1M synthetic codes: every event a link's first
+//! Click-aggregator benchmarks: the aggregator thread's work per click event (reading it from
+//! its hand-off lane, classification, the per-link aggregates, the event-log line) in-process,
+//! without its lanes, thread or files. Two workloads over 1M synthetic codes: every event a link's first
 //! click (a fresh aggregator takes 1M distinct codes, as uniform traffic over many links does),
 //! and repeat clicks in a Zipf(1.0) mix (an aggregator that has seen the mix already).
 //!
@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
-use kurz::analytics::pipeline::{ClickEvent, EventFolder};
+use kurz::analytics::pipeline::{ClickEvent, EventBatch, EventFolder};
 
 /// The server's allocator: what the aggregator costs depends on it.
 #[global_allocator]
@@ -38,23 +38,23 @@ const USER_AGENTS: [&str; 6] = [
     "Slackbot-LinkExpanding 1.0 (+https://api.slack.com/robots)",
 ];
 
-const REFERERS: [Option<&str>; 6] = [
+const REFERERS: [Option<&[u8]>; 6] = [
     None,
-    Some("https://www.google.com/"),
-    Some("https://t.co/"),
-    Some("https://news.ycombinator.com/item?id=40000000"),
+    Some(b"https://www.google.com/"),
+    Some(b"https://t.co/"),
+    Some(b"https://news.ycombinator.com/item?id=40000000"),
     None,
-    Some("https://www.reddit.com/r/rust/comments/abc/"),
+    Some(b"https://www.reddit.com/r/rust/comments/abc/"),
 ];
 
 /// The event of the `serial`th click, on `code`, as the redirect path hands it over (about
 /// 100k clicks a second, a handful of user agents and referrers).
-fn event(code: &str, serial: usize) -> ClickEvent {
+fn event(code: &str, serial: usize) -> ClickEvent<'_> {
     ClickEvent {
-        code: code.into(),
+        code,
         at_s: T + (serial / 100_000) as i64,
-        referer: REFERERS[serial % REFERERS.len()].map(Into::into),
-        user_agent: Some(USER_AGENTS[serial % 7 % USER_AGENTS.len()].into()),
+        referer: REFERERS[serial % REFERERS.len()],
+        user_agent: Some(USER_AGENTS[serial % 7 % USER_AGENTS.len()].as_bytes()),
         client_ip: Some(IpAddr::V4(Ipv4Addr::from(
             0x0A00_0000 | serial as u32 & 0xFFFF,
         ))),
@@ -95,14 +95,16 @@ fn aggregator(c: &mut Criterion) {
             let mut elapsed = Duration::ZERO;
             for _ in 0..iters {
                 let mut folder = EventFolder::default();
+                let mut batch = EventBatch::default();
                 let mut serial = 0;
                 while serial < LINKS {
-                    let batch: Vec<ClickEvent> = (serial..(serial + BATCH_EVENTS).min(LINKS))
-                        .map(|i| event(codes[(i * 7_919) % LINKS], i))
-                        .collect();
-                    serial += batch.len();
+                    batch.clear();
+                    for i in serial..(serial + BATCH_EVENTS).min(LINKS) {
+                        batch.push(&event(codes[(i * 7_919) % LINKS], i));
+                    }
+                    serial += batch.events();
                     let start = Instant::now();
-                    folder.fold(batch);
+                    folder.fold(&batch);
                     folder.flush_log();
                     elapsed += start.elapsed();
                 }
@@ -116,13 +118,13 @@ fn aggregator(c: &mut Criterion) {
     // One iteration: a batch of repeat clicks on a Zipf mix the aggregator has seen.
     let zipf = zipf_indices(LINKS, LINKS);
     let mut folder = EventFolder::default();
+    let mut batch = EventBatch::default();
     for (serial, chunk) in zipf.chunks(BATCH_EVENTS).enumerate() {
-        folder.fold(
-            chunk
-                .iter()
-                .map(|&i| event(codes[i], serial * BATCH_EVENTS))
-                .collect(),
-        );
+        batch.clear();
+        for &i in chunk {
+            batch.push(&event(codes[i], serial * BATCH_EVENTS));
+        }
+        folder.fold(&batch);
         folder.flush_log();
     }
     group.sample_size(50);
@@ -135,12 +137,13 @@ fn aggregator(c: &mut Criterion) {
                 if next + BATCH_EVENTS > zipf.len() {
                     next = 0;
                 }
-                let batch: Vec<ClickEvent> = (next..next + BATCH_EVENTS)
-                    .map(|i| event(codes[zipf[i]], i))
-                    .collect();
+                batch.clear();
+                for i in next..next + BATCH_EVENTS {
+                    batch.push(&event(codes[zipf[i]], i));
+                }
                 next += BATCH_EVENTS;
                 let start = Instant::now();
-                folder.fold(batch);
+                folder.fold(&batch);
                 folder.flush_log();
                 elapsed += start.elapsed();
             }

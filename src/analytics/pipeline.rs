@@ -1,8 +1,8 @@
-//! The click pipeline: the redirect path hands each click to a bounded queue without blocking
-//! (a full queue drops the event and counts the drop; exact per-link counts live in
-//! [`super::ClickCounters`] and are never dropped), and one aggregator thread classifies it
-//! (referrer domain, country, user agent, bot), folds it into the aggregates and appends it to
-//! an event log.
+//! The click pipeline: the redirect path hands each click to its worker's bounded lane without
+//! blocking or allocating (see [`handoff`]; a full lane drops the event and counts the drop;
+//! exact per-link counts live in [`super::ClickCounters`] and are never dropped), and one
+//! aggregator thread classifies it (referrer domain, country, user agent, bot), folds it into
+//! the aggregates and appends it to an event log.
 //!
 //! Persistence: the event log (`<dir>/clicks-<generation>.log`, one tab-separated line per
 //! click) is fsynced every flush interval (default 1 s), so a `kill -9` loses at most that much;
@@ -13,14 +13,12 @@
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use serde::{Deserialize, Serialize};
 
 use super::aggregate::{
@@ -31,15 +29,24 @@ use super::geo::CountryResolver;
 use super::{agent, geo, referrer};
 use crate::fsutil;
 
+mod handoff;
+
+pub use handoff::{ClickEvent, EventBatch};
+use handoff::{Lanes, ReadEvent};
+
 const CHECKPOINT_FILE: &str = "aggregates.json";
 /// Most events the aggregator applies under one lock of the aggregates.
 const BATCH_EVENTS_MAX: usize = 4096;
-/// How often the aggregator looks at the queue. It polls rather than waits: a waiting
-/// receiver makes every click on the redirect path pay for a thread wake-up (a futex call and a
+/// How often the aggregator looks at the lanes. It polls rather than waits: waking it per click
+/// would make every click on the redirect path pay for a thread wake-up (a futex call and a
 /// context switch), polling costs the aggregator one wake-up per interval.
 const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
-/// Longest referrer or user agent kept from a request, in bytes (longer ones are cut).
+/// Longest referrer, user agent or country header kept from a request, in bytes (longer ones
+/// are cut).
 pub const HEADER_BYTES_MAX: usize = 512;
+/// Bytes of memory a drained lane's buffer keeps for the next drain; one that grew past this in
+/// a burst is given back.
+const LANE_BYTES_KEPT: usize = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AnalyticsError {
@@ -51,23 +58,12 @@ pub enum AnalyticsError {
     ClickLog(#[from] ClickLogError),
 }
 
-/// One served redirect, as the hot path hands it over.
-#[derive(Debug)]
-pub struct ClickEvent {
-    pub code: Box<str>,
-    pub at_s: i64,
-    pub referer: Option<Box<str>>,
-    pub user_agent: Option<Box<str>>,
-    pub client_ip: Option<IpAddr>,
-    /// The trusted country header's value, if the operator configured one.
-    pub country_header: Option<Box<str>>,
-}
-
 /// Where the pipeline keeps its files and how often it writes them.
 pub struct AnalyticsOptions {
     pub dir: PathBuf,
     pub flush_interval: Duration,
     pub checkpoint_interval: Duration,
+    /// Events waiting for the aggregator, over all lanes (split evenly between them).
     pub queue_events_max: usize,
     pub countries: CountryResolver,
     /// The raw click log for shipping clicks elsewhere, if one is wanted.
@@ -105,6 +101,8 @@ struct Shared {
     bot_events_total: AtomicU64,
     dropped_total: AtomicU64,
     last_applied_at_s: AtomicI64,
+    /// Set when the pipeline stops: the aggregator drains the lanes once more and checkpoints.
+    closed: AtomicBool,
 }
 
 impl Shared {
@@ -196,9 +194,9 @@ fn apply_log_line(aggregates: &mut Aggregates, line: &[u8]) -> bool {
     true
 }
 
-/// Handle to the pipeline. Dropping it drains the queue, flushes and checkpoints.
+/// Handle to the pipeline. Dropping it drains the lanes, flushes and checkpoints.
 pub struct ClickPipeline {
-    sender: Option<Sender<ClickEvent>>,
+    lanes: Arc<Lanes>,
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
 }
@@ -276,8 +274,10 @@ impl ClickPipeline {
         let generation = generations.last().copied().unwrap_or(covered).max(covered) + 1;
         let log = EventLog::create(&options.dir, generation)?;
         let click_log = options.click_log.clone().map(ClickLog::open).transpose()?;
-        let (sender, receiver) = crossbeam_channel::bounded(options.queue_events_max);
+        let lanes = Arc::new(Lanes::new(options.queue_events_max));
         let mut aggregator = Aggregator {
+            lanes: lanes.clone(),
+            spare: EventBatch::default(),
             shared: shared.clone(),
             options,
             log,
@@ -285,20 +285,19 @@ impl ClickPipeline {
             classifier: Classifier::default(),
             click_log,
         };
-        let thread =
-            crate::threads::spawn_background("kurz-clicks", move || aggregator.run(receiver))
-                .map_err(io_error(Path::new("kurz-clicks thread")))?;
+        let thread = crate::threads::spawn_background("kurz-clicks", move || aggregator.run())
+            .map_err(io_error(Path::new("kurz-clicks thread")))?;
         Ok(ClickPipeline {
-            sender: Some(sender),
+            lanes,
             shared,
             thread: Some(thread),
         })
     }
 
-    /// Hands a click to the aggregator without blocking; a full queue drops it (counted).
-    pub fn record(&self, event: ClickEvent) {
-        let Some(sender) = &self.sender else { return };
-        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = sender.try_send(event) {
+    /// Hands a click to the aggregator without blocking or allocating; a full or busy lane
+    /// drops it (counted).
+    pub fn record(&self, event: &ClickEvent<'_>) {
+        if !self.lanes.push(event) {
             self.shared.dropped_total.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -314,7 +313,7 @@ impl ClickPipeline {
     }
 
     pub fn counters(&self, now_s: i64) -> PipelineCounters {
-        let queued = self.sender.as_ref().map_or(0, |sender| sender.len() as u64);
+        let queued = self.lanes.queued();
         let last = self.shared.last_applied_at_s.load(Ordering::Relaxed);
         PipelineCounters {
             events_total: self.shared.events_total.load(Ordering::Relaxed),
@@ -329,14 +328,17 @@ impl ClickPipeline {
         }
     }
 
-    /// Drains the queue, flushes the log, writes a checkpoint and stops the thread.
+    /// Drains the lanes, flushes the log, writes a checkpoint and stops the thread.
     pub fn shutdown(mut self) {
         self.stop();
     }
 
     fn stop(&mut self) {
-        self.sender = None;
+        // Every click recorded so far is in a lane: `record` cannot run while `stop` has
+        // `self` exclusively.
+        self.shared.closed.store(true, Ordering::Release);
         if let Some(thread) = self.thread.take() {
+            thread.thread().unpark();
             // A panicked aggregator has nothing left to write; its clicks since the last flush
             // are the ones a crash would lose too.
             let _ = thread.join();
@@ -377,6 +379,9 @@ impl EventLog {
 }
 
 struct Aggregator {
+    lanes: Arc<Lanes>,
+    /// The empty batch the next drained lane gets.
+    spare: EventBatch,
     shared: Arc<Shared>,
     options: AnalyticsOptions,
     log: EventLog,
@@ -384,21 +389,6 @@ struct Aggregator {
     pending: Vec<u8>,
     classifier: Classifier,
     click_log: Option<ClickLog>,
-}
-
-/// `value` cut to its first [`HEADER_BYTES_MAX`] characters.
-fn cut(value: Option<&str>) -> Option<&str> {
-    value.map(|value| {
-        // No more bytes than the limit means no more characters: nothing to count (the redirect
-        // path hands over at most that many bytes).
-        if value.len() <= HEADER_BYTES_MAX {
-            return value;
-        }
-        match value.char_indices().nth(HEADER_BYTES_MAX) {
-            Some((at, _)) => &value[..at],
-            None => value,
-        }
-    })
 }
 
 /// Entries each classification cache holds before it starts over.
@@ -451,14 +441,14 @@ impl Classifier {
                 bot: class.bot,
             }
         };
-        match cut(user_agent) {
+        match user_agent {
             None => *self.no_agent.get_or_insert_with(|| intern(aggregates, "")),
             Some(agent) => cached(&mut self.agents, agent, || intern(aggregates, agent)),
         }
     }
 
     fn referrer(&mut self, aggregates: &mut Aggregates, referer: Option<&str>) -> u32 {
-        match cut(referer) {
+        match referer {
             None => *self
                 .direct
                 .get_or_insert_with(|| aggregates.intern(&referrer::domain(None))),
@@ -472,7 +462,7 @@ impl Classifier {
         &mut self,
         aggregates: &mut Aggregates,
         countries: &CountryResolver,
-        event: &ClickEvent,
+        event: &ReadEvent<'_>,
     ) -> u32 {
         if event.country_header.is_none() && !countries.has_database() {
             return *self
@@ -494,14 +484,16 @@ struct Fold<'a> {
 
 /// What [`fold`] saw.
 struct Folded {
+    events: u64,
     bot_events: u64,
     newest_at_s: i64,
 }
 
 /// The aggregator's work on each event: classifies it, applies it to the aggregates, appends its
 /// event-log line (and its click-log line).
-fn fold(into: &mut Fold<'_>, events: &[ClickEvent]) -> Folded {
+fn fold<'e>(into: &mut Fold<'_>, events: impl Iterator<Item = ReadEvent<'e>>) -> Folded {
     let mut folded = Folded {
+        events: 0,
         bot_events: 0,
         newest_at_s: 0,
     };
@@ -516,7 +508,7 @@ fn fold(into: &mut Fold<'_>, events: &[ClickEvent]) -> Folded {
             referrer: into
                 .classifier
                 .referrer(aggregates, event.referer.as_deref()),
-            country: into.classifier.country(aggregates, into.countries, event),
+            country: into.classifier.country(aggregates, into.countries, &event),
             browser: agent.browser,
             os: agent.os,
             bot: agent.bot,
@@ -528,9 +520,9 @@ fn fold(into: &mut Fold<'_>, events: &[ClickEvent]) -> Folded {
                 code: &event.code,
                 at: &crate::timefmt::rfc3339(event.at_s),
                 at_s: event.at_s,
-                referer: cut(event.referer.as_deref()),
+                referer: event.referer.as_deref(),
                 referrer_domain: aggregates.name(click.referrer),
-                user_agent: cut(event.user_agent.as_deref()),
+                user_agent: event.user_agent.as_deref(),
                 client_ip: event.client_ip,
                 country: aggregates.name(click.country),
                 browser: aggregates.name(click.browser),
@@ -538,6 +530,7 @@ fn fold(into: &mut Fold<'_>, events: &[ClickEvent]) -> Folded {
                 bot: click.bot,
             });
         }
+        folded.events += 1;
         folded.bot_events += u64::from(click.bot);
         folded.newest_at_s = folded.newest_at_s.max(click.at_s);
     }
@@ -566,9 +559,8 @@ impl Default for EventFolder {
 }
 
 impl EventFolder {
-    /// Folds `events` in, as the aggregator does with a batch it drained. Consumes them: freeing
-    /// an event is part of the aggregator's cost.
-    pub fn fold(&mut self, events: Vec<ClickEvent>) {
+    /// Folds the events of `batch` in, as the aggregator does with a lane it drained.
+    pub fn fold(&mut self, batch: &EventBatch) {
         fold(
             &mut Fold {
                 aggregates: &mut self.aggregates,
@@ -577,7 +569,7 @@ impl EventFolder {
                 log_lines: &mut self.log_lines,
                 click_log: None,
             },
-            &events,
+            batch.iter(),
         );
     }
 
@@ -596,12 +588,13 @@ impl EventFolder {
 }
 
 impl Aggregator {
-    fn run(&mut self, receiver: Receiver<ClickEvent>) {
+    fn run(&mut self) {
         let mut next_flush = Instant::now() + self.options.flush_interval;
         let mut next_checkpoint = Instant::now() + self.options.checkpoint_interval;
-        let mut batch = Vec::with_capacity(BATCH_EVENTS_MAX);
         loop {
-            let open = self.drain(&receiver, &mut batch);
+            // Read before draining: a stop that comes later is seen by the next round.
+            let closed = self.shared.closed.load(Ordering::Acquire);
+            self.drain();
             let now = Instant::now();
             if now >= next_flush {
                 self.flush();
@@ -611,55 +604,45 @@ impl Aggregator {
                 self.checkpoint();
                 next_checkpoint = now + self.options.checkpoint_interval;
             }
-            if !open {
+            if closed {
                 break;
             }
-            std::thread::sleep(DRAIN_INTERVAL.min(self.options.flush_interval));
+            std::thread::park_timeout(DRAIN_INTERVAL.min(self.options.flush_interval));
         }
         self.checkpoint();
     }
 
-    /// Applies every queued event, a batch at a time; false once the queue is closed and empty.
-    fn drain(&mut self, receiver: &Receiver<ClickEvent>, batch: &mut Vec<ClickEvent>) -> bool {
-        loop {
-            batch.clear();
-            let mut open = true;
-            while batch.len() < BATCH_EVENTS_MAX {
-                match receiver.try_recv() {
-                    Ok(event) => batch.push(event),
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => {
-                        open = false;
-                        break;
-                    }
+    /// Applies every event waiting in the lanes, at most [`BATCH_EVENTS_MAX`] under one lock of
+    /// the aggregates.
+    fn drain(&mut self) {
+        for lane in 0..self.lanes.len() {
+            self.lanes.take(lane, &mut self.spare);
+            if self.spare.events() == 0 {
+                continue;
+            }
+            let mut events = self.spare.iter();
+            loop {
+                let mut aggregates = self.shared.aggregates();
+                let folded = fold(
+                    &mut Fold {
+                        aggregates: &mut aggregates,
+                        classifier: &mut self.classifier,
+                        countries: &self.options.countries,
+                        log_lines: &mut self.pending,
+                        click_log: self.click_log.as_mut(),
+                    },
+                    events.by_ref().take(BATCH_EVENTS_MAX),
+                );
+                drop(aggregates);
+                self.shared
+                    .counted(folded.events, folded.bot_events, folded.newest_at_s);
+                if folded.events < BATCH_EVENTS_MAX as u64 {
+                    break;
                 }
             }
-            if !batch.is_empty() {
-                self.take(batch);
-            }
-            if !open || batch.len() < BATCH_EVENTS_MAX {
-                return open;
-            }
+            self.spare.clear();
+            self.spare.shrink(LANE_BYTES_KEPT);
         }
-    }
-
-    /// Classifies and applies `events` under one lock of the aggregates, and queues their log
-    /// lines.
-    fn take(&mut self, events: &[ClickEvent]) {
-        let mut aggregates = self.shared.aggregates();
-        let folded = fold(
-            &mut Fold {
-                aggregates: &mut aggregates,
-                classifier: &mut self.classifier,
-                countries: &self.options.countries,
-                log_lines: &mut self.pending,
-                click_log: self.click_log.as_mut(),
-            },
-            events,
-        );
-        drop(aggregates);
-        self.shared
-            .counted(events.len() as u64, folded.bot_events, folded.newest_at_s);
     }
 
     fn flush(&mut self) {
@@ -728,14 +711,19 @@ mod tests {
 
     const T: i64 = 1_800_000_000 - 1_800_000_000 % HOUR_S;
 
-    fn event(code: &str, at_s: i64, agent: &str, referer: Option<&str>) -> ClickEvent {
+    fn event<'a>(
+        code: &'a str,
+        at_s: i64,
+        agent: &'a str,
+        referer: Option<&'a str>,
+    ) -> ClickEvent<'a> {
         ClickEvent {
-            code: code.into(),
+            code,
             at_s,
-            referer: referer.map(Into::into),
-            user_agent: Some(agent.into()),
+            referer: referer.map(str::as_bytes),
+            user_agent: Some(agent.as_bytes()),
             client_ip: "127.0.0.1".parse().ok(),
-            country_header: Some("de".into()),
+            country_header: Some(b"de"),
         }
     }
 
@@ -760,9 +748,9 @@ mod tests {
     fn clicks_are_classified_and_survive_a_clean_restart() {
         let dir = tempfile::tempdir().expect("tempdir");
         let pipeline = ClickPipeline::start(options(dir.path())).expect("start");
-        pipeline.record(event("a", T, FIREFOX, Some("https://www.news.example/x")));
-        pipeline.record(event("a", T + 1, FIREFOX, None));
-        pipeline.record(event(
+        pipeline.record(&event("a", T, FIREFOX, Some("https://www.news.example/x")));
+        pipeline.record(&event("a", T + 1, FIREFOX, None));
+        pipeline.record(&event(
             "a",
             T + 2,
             "Slackbot-LinkExpanding 1.0",
@@ -790,7 +778,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let crashed = ClickPipeline::start(options(dir.path())).expect("start");
         for i in 0..100 {
-            crashed.record(event("b", T + i, FIREFOX, None));
+            crashed.record(&event("b", T + i, FIREFOX, None));
         }
         let deadline = Instant::now() + Duration::from_secs(10);
         let log = log_path(dir.path(), 1);
@@ -827,7 +815,7 @@ mod tests {
         })
         .expect("start");
         for i in 0..5000 {
-            pipeline.record(event("c", T + i, FIREFOX, None));
+            pipeline.record(&event("c", T + i, FIREFOX, None));
         }
         let shared = pipeline.shared.clone();
         pipeline.shutdown();
@@ -844,10 +832,10 @@ mod tests {
         let referer = |i: usize| format!("https://r{i}.example/page");
         let agent = |i: usize| format!("{FIREFOX} Build/{i}");
         for i in (0..links).chain([0, links - 1]) {
-            pipeline.record(event(&format!("l{i}"), T, &agent(i), Some(&referer(i))));
+            pipeline.record(&event(&format!("l{i}"), T, &agent(i), Some(&referer(i))));
         }
-        pipeline.record(event("bot", T, "Twitterbot/1.0", None));
-        pipeline.record(event("bot", T, "Twitterbot/1.0", None));
+        pipeline.record(&event("bot", T, "Twitterbot/1.0", None));
+        pipeline.record(&event("bot", T, "Twitterbot/1.0", None));
         let shared = pipeline.shared.clone();
         pipeline.shutdown();
         let aggregates = shared.aggregates();

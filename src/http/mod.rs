@@ -18,7 +18,7 @@ use http_body_util::Full;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::StatusCode;
 
-use crate::analytics::pipeline::{ClickEvent, ClickPipeline, HEADER_BYTES_MAX};
+use crate::analytics::pipeline::{ClickEvent, ClickPipeline};
 use crate::analytics::{ClickCounters, ClickStats};
 use crate::auth::{AuthError, Keys};
 use crate::cluster::{ClusterError, Readiness};
@@ -164,7 +164,8 @@ impl App {
     }
 
     /// Hands a served click to the analytics pipeline without blocking (a no-op until it runs).
-    /// Copies at most [`HEADER_BYTES_MAX`] of each header.
+    /// The pipeline keeps at most [`HEADER_BYTES_MAX`](crate::analytics::pipeline::HEADER_BYTES_MAX)
+    /// bytes of each header.
     pub fn record_click(&self, code: &str, now_s: i64, click: &redirect::ClickContext<'_>) {
         if let Some(links) = self.links.get() {
             links.record_click(code);
@@ -172,26 +173,20 @@ impl App {
         let Some(pipeline) = self.analytics.get() else {
             return;
         };
-        let text = |value: Option<&[u8]>| {
-            value.map(|value| {
-                let value = &value[..value.len().min(HEADER_BYTES_MAX)];
-                Box::<str>::from(String::from_utf8_lossy(value))
-            })
-        };
         let forwarded_for = click
             .forwarded_for
             .filter(|value| value.len() <= FORWARDED_FOR_BYTES_MAX)
             .and_then(|value| std::str::from_utf8(value).ok())
             .unwrap_or("");
-        pipeline.record(ClickEvent {
-            code: code.into(),
+        pipeline.record(&ClickEvent {
+            code,
             at_s: now_s,
-            referer: text(click.referer),
-            user_agent: text(click.user_agent),
+            referer: click.referer,
+            user_agent: click.user_agent,
             client_ip: click
                 .peer
                 .map(|peer| client_ip(&self.config.trusted_proxies, forwarded_for, peer)),
-            country_header: text(click.country),
+            country_header: click.country,
         });
     }
 }
