@@ -63,7 +63,7 @@ pub struct AnalyticsOptions {
     pub dir: PathBuf,
     pub flush_interval: Duration,
     pub checkpoint_interval: Duration,
-    /// Events waiting for the aggregator, over all lanes (split evenly between them).
+    /// Events waiting for the aggregator, all lanes together.
     pub queue_events_max: usize,
     pub countries: CountryResolver,
     /// The raw click log for shipping clicks elsewhere, if one is wanted.
@@ -403,11 +403,13 @@ struct AgentIds {
 }
 
 /// Classifies clicks into interned ids, remembering recent user agents and referrers: real
-/// traffic repeats a few thousand of each, and parsing one costs microseconds.
+/// traffic repeats a few thousand of each, and parsing one costs microseconds. Header values
+/// arrive as the request's bytes and are classified as text, bytes that are not UTF-8 replaced
+/// by U+FFFD; the caches are keyed by the bytes, so a value seen before is not even checked.
 #[derive(Default)]
 struct Classifier {
-    agents: HashMap<Box<str>, AgentIds, ahash::RandomState>,
-    referrers: HashMap<Box<str>, u32, ahash::RandomState>,
+    agents: HashMap<Box<[u8]>, AgentIds, ahash::RandomState>,
+    referrers: HashMap<Box<[u8]>, u32, ahash::RandomState>,
     /// Ids of names every click without a header needs.
     no_agent: Option<AgentIds>,
     direct: Option<u32>,
@@ -416,8 +418,8 @@ struct Classifier {
 
 /// The cached value of `key`, or `make`'s, remembered (a full cache starts over).
 fn cached<V: Copy>(
-    cache: &mut HashMap<Box<str>, V, ahash::RandomState>,
-    key: &str,
+    cache: &mut HashMap<Box<[u8]>, V, ahash::RandomState>,
+    key: &[u8],
     make: impl FnOnce() -> V,
 ) -> V {
     if let Some(value) = cache.get(key) {
@@ -432,7 +434,7 @@ fn cached<V: Copy>(
 }
 
 impl Classifier {
-    fn agent(&mut self, aggregates: &mut Aggregates, user_agent: Option<&str>) -> AgentIds {
+    fn agent(&mut self, aggregates: &mut Aggregates, user_agent: Option<&[u8]>) -> AgentIds {
         let intern = |aggregates: &mut Aggregates, agent: &str| {
             let class = agent::classify(agent);
             AgentIds {
@@ -443,17 +445,19 @@ impl Classifier {
         };
         match user_agent {
             None => *self.no_agent.get_or_insert_with(|| intern(aggregates, "")),
-            Some(agent) => cached(&mut self.agents, agent, || intern(aggregates, agent)),
+            Some(agent) => cached(&mut self.agents, agent, || {
+                intern(aggregates, &String::from_utf8_lossy(agent))
+            }),
         }
     }
 
-    fn referrer(&mut self, aggregates: &mut Aggregates, referer: Option<&str>) -> u32 {
+    fn referrer(&mut self, aggregates: &mut Aggregates, referer: Option<&[u8]>) -> u32 {
         match referer {
             None => *self
                 .direct
                 .get_or_insert_with(|| aggregates.intern(&referrer::domain(None))),
             Some(referer) => cached(&mut self.referrers, referer, || {
-                aggregates.intern(&referrer::domain(Some(referer)))
+                aggregates.intern(&referrer::domain(Some(&String::from_utf8_lossy(referer))))
             }),
         }
     }
@@ -469,7 +473,8 @@ impl Classifier {
                 .unknown_country
                 .get_or_insert_with(|| aggregates.intern(geo::UNKNOWN));
         }
-        aggregates.intern(&countries.country(event.client_ip, event.country_header.as_deref()))
+        let header = event.country_header.map(String::from_utf8_lossy);
+        aggregates.intern(&countries.country(event.client_ip, header.as_deref()))
     }
 }
 
@@ -499,15 +504,11 @@ fn fold<'e>(into: &mut Fold<'_>, events: impl Iterator<Item = ReadEvent<'e>>) ->
     };
     let aggregates = &mut *into.aggregates;
     for event in events {
-        let agent = into
-            .classifier
-            .agent(aggregates, event.user_agent.as_deref());
+        let agent = into.classifier.agent(aggregates, event.user_agent);
         let click = ClassifiedClick {
             code: &event.code,
             at_s: event.at_s,
-            referrer: into
-                .classifier
-                .referrer(aggregates, event.referer.as_deref()),
+            referrer: into.classifier.referrer(aggregates, event.referer),
             country: into.classifier.country(aggregates, into.countries, &event),
             browser: agent.browser,
             os: agent.os,
@@ -520,9 +521,9 @@ fn fold<'e>(into: &mut Fold<'_>, events: impl Iterator<Item = ReadEvent<'e>>) ->
                 code: &event.code,
                 at: &crate::timefmt::rfc3339(event.at_s),
                 at_s: event.at_s,
-                referer: event.referer.as_deref(),
+                referer: event.referer.map(String::from_utf8_lossy).as_deref(),
                 referrer_domain: aggregates.name(click.referrer),
-                user_agent: event.user_agent.as_deref(),
+                user_agent: event.user_agent.map(String::from_utf8_lossy).as_deref(),
                 client_ip: event.client_ip,
                 country: aggregates.name(click.country),
                 browser: aggregates.name(click.browser),
@@ -854,6 +855,48 @@ mod tests {
             .expect("stats");
         assert_eq!((bot.human_total, bot.bot_total), (0, 2));
         assert_eq!(bot.bots, vec![("Twitterbot".to_owned(), 2)]);
+    }
+
+    #[test]
+    fn header_bytes_that_are_not_utf8_classify_as_their_text_does() {
+        let referers: [&[u8]; 4] = [
+            b"https://news.example/\xff",
+            b"https://\xffbad.example/",
+            b"https://news.example/ok",
+            b"https://\xffbad.example/",
+        ];
+        let agent = b"Mozilla/5.0 (X11; Linux x86_64; rv:121.0) Gecko/20100101 Firefox/121.0 \xfe";
+        let mut batch = EventBatch::default();
+        for referer in referers {
+            assert!(batch.push(&ClickEvent {
+                code: "nu",
+                at_s: T,
+                referer: Some(referer),
+                user_agent: Some(agent),
+                ..ClickEvent::default()
+            }));
+        }
+        let mut folder = EventFolder::default();
+        folder.fold(&batch);
+        assert!(folder.flush_log() > 0);
+        let stats = folder
+            .aggregates()
+            .stats("nu", day_query(), T)
+            .expect("clicked")
+            .expect("stats");
+        let mut expected: Vec<(String, u64)> = Vec::new();
+        for referer in referers {
+            let domain = referrer::domain(Some(&String::from_utf8_lossy(referer)));
+            match expected.iter_mut().find(|(name, _)| *name == domain) {
+                Some((_, count)) => *count += 1,
+                None => expected.push((domain, 1)),
+            }
+        }
+        expected.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        assert_eq!(stats.referrers, expected);
+        let class = agent::classify(&String::from_utf8_lossy(agent));
+        assert_eq!(stats.browsers, vec![(class.browser, 4)]);
+        assert_eq!(stats.os, vec![(class.os, 4)]);
     }
 
     #[test]

@@ -27,16 +27,16 @@ pub struct ClickEvent<'a> {
     pub country_header: Option<&'a [u8]>,
 }
 
-/// A click event as the aggregator reads it back: header values as text, bytes that are not
-/// UTF-8 replaced by U+FFFD.
+/// A click event as the aggregator reads it back: the code as text, header values as the
+/// request's bytes (cut at [`HEADER_BYTES_MAX`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReadEvent<'a> {
     pub code: Cow<'a, str>,
     pub at_s: i64,
-    pub referer: Option<Cow<'a, str>>,
-    pub user_agent: Option<Cow<'a, str>>,
+    pub referer: Option<&'a [u8]>,
+    pub user_agent: Option<&'a [u8]>,
     pub client_ip: Option<IpAddr>,
-    pub country_header: Option<Cow<'a, str>>,
+    pub country_header: Option<&'a [u8]>,
 }
 
 /// The length field of a header the request did not have.
@@ -127,12 +127,12 @@ impl<'a> BatchEvents<'a> {
         self.take(N)?.try_into().ok()
     }
 
-    fn take_value(&mut self) -> Option<Option<Cow<'a, str>>> {
+    fn take_value(&mut self) -> Option<Option<&'a [u8]>> {
         let len = u16::from_le_bytes(self.take_array()?);
         if len == ABSENT {
             return Some(None);
         }
-        Some(Some(String::from_utf8_lossy(self.take(usize::from(len))?)))
+        Some(Some(self.take(usize::from(len))?))
     }
 
     fn read(&mut self) -> Option<ReadEvent<'a>> {
@@ -178,21 +178,32 @@ const LANES_MAX: usize = 256;
 /// Lanes a click tries before it is dropped: its own, then the next ones (busy only while the
 /// aggregator swaps them, or when more threads than lanes share one).
 const LANE_TRIES: usize = 4;
+/// Queue room a lane claims from the shared pool at a time: the pool's counter is touched once
+/// per this many clicks, not per click.
+const EVENTS_PER_CLAIM: usize = 1024;
+
+/// What a lane's lock guards.
+#[derive(Debug, Default)]
+struct LaneState {
+    batch: EventBatch,
+    /// Events this lane may still take in before it claims more room.
+    room: usize,
+}
 
 /// One worker's buffer, on cache lines of its own.
 #[repr(align(128))]
 #[derive(Default)]
 struct Lane {
-    batch: Mutex<EventBatch>,
-    /// Events in `batch`, for the metrics endpoint (written under the lock).
+    state: Mutex<LaneState>,
+    /// Events in the batch, for the metrics endpoint (written under the lock).
     queued: AtomicUsize,
 }
 
 impl Lane {
-    fn lock(&self) -> MutexGuard<'_, EventBatch> {
+    fn lock(&self) -> MutexGuard<'_, LaneState> {
         // A panic while holding the lock leaves whole events behind (push appends an event only
         // after checking it fits); keep using them.
-        self.batch
+        self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -206,15 +217,17 @@ thread_local! {
     static LANE: usize = NEXT_LANE.fetch_add(1, Ordering::Relaxed);
 }
 
-/// The lanes of one pipeline: two per CPU (at least two, at most [`LANES_MAX`]), each holding
-/// at most `events_per_lane_max` events.
+/// The lanes of one pipeline, two per CPU (at least two, at most [`LANES_MAX`]), holding at
+/// most `events_max` events together: room for that many is shared out to the lanes in claims
+/// of [`EVENTS_PER_CLAIM`] and comes back when the aggregator takes their events. The pool's
+/// room, the lanes' unused room and the queued events always add up to `events_max`.
 pub struct Lanes {
     lanes: Box<[Lane]>,
-    events_per_lane_max: usize,
+    /// Room no lane holds.
+    pool: AtomicUsize,
 }
 
 impl Lanes {
-    /// Lanes that together hold about `events_max` events (split evenly, at least one each).
     pub fn new(events_max: usize) -> Lanes {
         let cpus = std::thread::available_parallelism().map_or(1, |cpus| cpus.get());
         Lanes::with_lanes(events_max, (cpus * 2).clamp(2, LANES_MAX))
@@ -223,7 +236,7 @@ impl Lanes {
     fn with_lanes(events_max: usize, lanes: usize) -> Lanes {
         Lanes {
             lanes: (0..lanes).map(|_| Lane::default()).collect(),
-            events_per_lane_max: events_max.div_ceil(lanes).max(1),
+            pool: AtomicUsize::new(events_max),
         }
     }
 
@@ -232,24 +245,40 @@ impl Lanes {
     }
 
     /// Hands `event` over without waiting; false when it was dropped (the lanes it tried were
-    /// busy or full, or its code is too long to encode).
+    /// busy, the queue is full, or its code is too long to encode).
     pub fn push(&self, event: &ClickEvent<'_>) -> bool {
         let first = LANE.with(|lane| *lane);
         for attempt in 0..LANE_TRIES.min(self.lanes.len()) {
             let lane = &self.lanes[(first + attempt) % self.lanes.len()];
-            let mut batch = match lane.batch.try_lock() {
-                Ok(batch) => batch,
+            let mut state = match lane.state.try_lock() {
+                Ok(state) => state,
                 Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
                 Err(TryLockError::WouldBlock) => continue,
             };
-            if batch.events() >= self.events_per_lane_max {
+            if state.room == 0 {
+                state.room = self.claim();
+                if state.room == 0 {
+                    return false;
+                }
+            }
+            if !state.batch.push(event) {
                 return false;
             }
-            let pushed = batch.push(event);
-            lane.queued.store(batch.events(), Ordering::Relaxed);
-            return pushed;
+            state.room -= 1;
+            lane.queued.store(state.batch.events(), Ordering::Relaxed);
+            return true;
         }
         false
+    }
+
+    /// Takes up to [`EVENTS_PER_CLAIM`] of the pool's room; how much it took.
+    fn claim(&self) -> usize {
+        let taken = self
+            .pool
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |room| {
+                (room > 0).then(|| room - room.min(EVENTS_PER_CLAIM))
+            });
+        taken.map_or(0, |room| room.min(EVENTS_PER_CLAIM))
     }
 
     /// Events waiting in all lanes.
@@ -260,15 +289,18 @@ impl Lanes {
             .sum()
     }
 
-    /// Takes lane `index`'s events: swaps its batch with `spare`, which must be empty.
+    /// Takes lane `index`'s events: swaps its batch with `spare`, which must be empty, and gives
+    /// their room back to the pool.
     pub fn take(&self, index: usize, spare: &mut EventBatch) {
         debug_assert_eq!(spare.events(), 0);
         let Some(lane) = self.lanes.get(index) else {
             return;
         };
-        let mut batch = lane.lock();
-        std::mem::swap(&mut *batch, spare);
+        let mut state = lane.lock();
+        std::mem::swap(&mut state.batch, spare);
         lane.queued.store(0, Ordering::Relaxed);
+        drop(state);
+        self.pool.fetch_add(spare.events(), Ordering::Relaxed);
     }
 }
 
@@ -276,21 +308,24 @@ impl Lanes {
 mod tests {
     use super::*;
 
-    fn read_back(event: &ClickEvent<'_>) -> ReadEvent<'static> {
+    /// `event` after a trip through a batch, its header values as text.
+    fn read_back(event: &ClickEvent<'_>) -> (String, i64, [Option<String>; 3], Option<IpAddr>) {
         let mut batch = EventBatch::default();
         assert!(batch.push(event));
         let events: Vec<ReadEvent<'_>> = batch.iter().collect();
         assert_eq!(events.len(), 1);
         let event = &events[0];
-        let owned = |value: &Option<Cow<'_, str>>| value.as_deref().map(|v| Cow::Owned(v.into()));
-        ReadEvent {
-            code: Cow::Owned(event.code.clone().into_owned()),
-            at_s: event.at_s,
-            referer: owned(&event.referer),
-            user_agent: owned(&event.user_agent),
-            client_ip: event.client_ip,
-            country_header: owned(&event.country_header),
-        }
+        let text = |value: Option<&[u8]>| value.map(|v| String::from_utf8_lossy(v).into_owned());
+        (
+            event.code.clone().into_owned(),
+            event.at_s,
+            [
+                text(event.referer),
+                text(event.user_agent),
+                text(event.country_header),
+            ],
+            event.client_ip,
+        )
     }
 
     #[test]
@@ -304,16 +339,12 @@ mod tests {
             client_ip: Some(v6),
             country_header: Some(b"de"),
         };
-        let back = read_back(&full);
-        assert_eq!(back.code, "abc-_XY9");
-        assert_eq!(back.at_s, 1_800_000_000);
-        assert_eq!(
-            back.referer.as_deref(),
-            Some("https://news.example/item?id=1")
-        );
-        assert_eq!(back.user_agent.as_deref(), Some("Mozilla/5.0"));
-        assert_eq!(back.client_ip, Some(v6));
-        assert_eq!(back.country_header.as_deref(), Some("de"));
+        let (code, at_s, [referer, user_agent, country], client_ip) = read_back(&full);
+        assert_eq!((code.as_str(), at_s), ("abc-_XY9", 1_800_000_000));
+        assert_eq!(referer.as_deref(), Some("https://news.example/item?id=1"));
+        assert_eq!(user_agent.as_deref(), Some("Mozilla/5.0"));
+        assert_eq!(country.as_deref(), Some("de"));
+        assert_eq!(client_ip, Some(v6));
 
         let bare = ClickEvent {
             code: "a",
@@ -322,22 +353,20 @@ mod tests {
             client_ip: Some(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7))),
             ..ClickEvent::default()
         };
-        let back = read_back(&bare);
-        assert_eq!((back.code.as_ref(), back.at_s), ("a", -1));
-        assert_eq!(back.referer.as_deref(), Some(""), "empty is not absent");
-        assert_eq!((back.user_agent, back.country_header), (None, None));
-        assert_eq!(
-            back.client_ip,
-            Some(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7)))
-        );
-        assert_eq!(read_back(&ClickEvent::default()).client_ip, None);
+        let (code, at_s, [referer, user_agent, country], client_ip) = read_back(&bare);
+        assert_eq!((code.as_str(), at_s), ("a", -1));
+        assert_eq!(referer.as_deref(), Some(""), "empty is not absent");
+        assert_eq!((user_agent, country), (None, None));
+        assert_eq!(client_ip, Some(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7))));
+        assert_eq!(read_back(&ClickEvent::default()).3, None);
     }
 
     #[test]
-    fn headers_are_cut_at_the_limit_and_bytes_that_are_not_utf8_replaced() {
+    fn headers_are_cut_at_the_limit_and_any_bytes_are_kept() {
         let longest = "x".repeat(HEADER_BYTES_MAX);
         let longer = "y".repeat(HEADER_BYTES_MAX + 1);
-        // A two-byte character across the limit: its first byte is kept, and replaced.
+        // A two-byte character across the limit: its first byte is kept, as record_click kept it
+        // (and it reads as U+FFFD).
         let split = format!("{}é", "z".repeat(HEADER_BYTES_MAX - 1));
         let event = ClickEvent {
             code: "abc",
@@ -346,24 +375,21 @@ mod tests {
             country_header: Some(split.as_bytes()),
             ..ClickEvent::default()
         };
-        let back = read_back(&event);
-        assert_eq!(back.referer.as_deref(), Some(longest.as_str()));
-        assert_eq!(
-            back.user_agent.as_deref(),
-            Some(&longer[..HEADER_BYTES_MAX])
-        );
+        let (_, _, [referer, user_agent, country], _) = read_back(&event);
+        assert_eq!(referer.as_deref(), Some(longest.as_str()));
+        assert_eq!(user_agent.as_deref(), Some(&longer[..HEADER_BYTES_MAX]));
         let expected = format!("{}\u{FFFD}", "z".repeat(HEADER_BYTES_MAX - 1));
-        assert_eq!(back.country_header.as_deref(), Some(expected.as_str()));
+        assert_eq!(country.as_deref(), Some(expected.as_str()));
 
-        let garbage = ClickEvent {
+        let garbage = b"bot\xff\xfe/1.0\0\t\n";
+        let mut batch = EventBatch::default();
+        assert!(batch.push(&ClickEvent {
             code: "abc",
-            user_agent: Some(b"bot\xff\xfe/1.0"),
+            user_agent: Some(garbage),
             ..ClickEvent::default()
-        };
-        assert_eq!(
-            read_back(&garbage).user_agent.as_deref(),
-            Some("bot\u{FFFD}\u{FFFD}/1.0")
-        );
+        }));
+        let read: Vec<ReadEvent<'_>> = batch.iter().collect();
+        assert_eq!(read[0].user_agent, Some(&garbage[..]));
     }
 
     #[test]
@@ -412,19 +438,37 @@ mod tests {
         assert_eq!((batch.events(), batch.iter().count()), (0, 0));
     }
 
+    /// Takes every lane's events; how many there were.
+    fn take_all(lanes: &Lanes) -> usize {
+        let mut taken = 0;
+        let mut spare = EventBatch::default();
+        for index in 0..lanes.len() {
+            lanes.take(index, &mut spare);
+            taken += spare.iter().count();
+            spare.clear();
+        }
+        taken
+    }
+
     #[test]
-    fn full_lanes_drop_and_every_event_is_taken_or_dropped() {
-        let lanes = Lanes::with_lanes(8, 4);
+    fn the_lanes_hold_at_most_the_queue_length_and_make_room_when_taken() {
+        let lanes = Lanes::with_lanes(EVENTS_PER_CLAIM + 3, 4);
         let event = ClickEvent {
             code: "abc",
             ..ClickEvent::default()
         };
-        // One thread fills its lane (2 events each), then drops: it does not spill over.
-        let pushed = (0..5).filter(|_| lanes.push(&event)).count();
-        assert_eq!(pushed, 2);
-        assert_eq!(lanes.queued(), 2);
+        // One thread may use the whole queue, claim by claim.
+        let pushed = (0..EVENTS_PER_CLAIM + 10)
+            .filter(|_| lanes.push(&event))
+            .count();
+        assert_eq!(pushed, EVENTS_PER_CLAIM + 3);
+        assert_eq!(lanes.queued(), pushed as u64);
+        assert_eq!(take_all(&lanes), pushed);
+        assert_eq!(lanes.queued(), 0);
 
-        let threads: Vec<usize> = std::thread::scope(|scope| {
+        // Threads racing for the room: every event is taken or dropped, never more than fit.
+        let lanes = Lanes::with_lanes(8, 4);
+        let pushed: Vec<usize> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..4)
                 .map(|_| scope.spawn(|| (0..1000).filter(|_| lanes.push(&event)).count()))
                 .collect();
@@ -433,16 +477,16 @@ mod tests {
                 .map(|handle| handle.join().expect("thread"))
                 .collect()
         });
-        let mut taken = 0;
-        let mut spare = EventBatch::default();
-        for index in 0..lanes.len() {
-            lanes.take(index, &mut spare);
-            taken += spare.iter().count();
-            spare.clear();
-        }
-        assert_eq!(taken, pushed + threads.iter().sum::<usize>());
-        assert!(taken <= 8);
-        assert_eq!(lanes.queued(), 0);
+        assert_eq!(pushed.iter().sum::<usize>(), 8);
+        assert_eq!(take_all(&lanes), 8);
+        // The room came back: to the pool, or to the lanes that claimed it.
+        let room: usize = lanes.pool.load(Ordering::Relaxed)
+            + lanes
+                .lanes
+                .iter()
+                .map(|lane| lane.lock().room)
+                .sum::<usize>();
+        assert_eq!(room, 8);
     }
 
     #[test]
@@ -456,8 +500,8 @@ mod tests {
         let held = lanes.lanes[own].lock();
         assert!(lanes.push(&event));
         drop(held);
-        assert_eq!(lanes.lanes[(own + 1) % 2].lock().events(), 1);
-        assert_eq!(lanes.lanes[own].lock().events(), 0);
+        assert_eq!(lanes.lanes[(own + 1) % 2].lock().batch.events(), 1);
+        assert_eq!(lanes.lanes[own].lock().batch.events(), 0);
         let both = (lanes.lanes[0].lock(), lanes.lanes[1].lock());
         assert!(
             !lanes.push(&event),
