@@ -330,6 +330,21 @@ impl Tallies {
         }
     }
 
+    /// Adds one click to (kind, key) if it has a tally; false if not.
+    fn add_existing(&mut self, kind: Kind, key: u32) -> bool {
+        let Ok(index) = self.find(kind, key) else {
+            return false;
+        };
+        match self {
+            Tallies::Compact(tallies) => match tallies[index].count.checked_add(1) {
+                Some(count) => tallies[index].count = count,
+                None => self.add(kind, key),
+            },
+            Tallies::Wide(tallies) => tallies[index].count += 1,
+        }
+        true
+    }
+
     /// Keeps the tallies `keep` says yes to.
     fn retain(&mut self, mut keep: impl FnMut(Tally) -> bool) {
         match self {
@@ -400,8 +415,10 @@ impl LinkAggregates {
     /// Adds a named click, counting it as "other" once the link has [`DISTINCT_VALUES_MAX`]
     /// names of this kind.
     fn add_named(&mut self, kind: Kind, id: u32) {
-        let known = self.tallies.find(kind, id).is_ok();
-        if known || self.tallies.range_of(kind).len() < DISTINCT_VALUES_MAX {
+        if self.tallies.add_existing(kind, id) {
+            return;
+        }
+        if self.tallies.range_of(kind).len() < DISTINCT_VALUES_MAX {
             self.tallies.add(kind, id);
         } else {
             self.tallies.add(kind, OTHER_ID);
@@ -1053,8 +1070,15 @@ mod tests {
             state ^= state << 17;
             let kind = KINDS[(state % KINDS.len() as u64) as usize];
             let key = ((state >> 8) % 40) as u32 * 100_003;
-            compact.add(kind, key);
-            wide.add(kind, key);
+            if (state >> 40).is_multiple_of(2) {
+                compact.add(kind, key);
+                wide.add(kind, key);
+            } else {
+                assert_eq!(
+                    compact.add_existing(kind, key),
+                    wide.add_existing(kind, key)
+                );
+            }
         }
         assert!(matches!(compact, Tallies::Compact(_)));
         assert_eq!(compact.len(), wide.len());
@@ -1103,6 +1127,34 @@ mod tests {
             assert_eq!(stats.referrers, vec![("direct".to_owned(), beyond)]);
             assert_eq!(stats.countries, vec![("DE".to_owned(), beyond)]);
         }
+    }
+
+    #[test]
+    fn a_name_count_past_the_compact_range_goes_on_counting() {
+        let mut aggregates = Aggregates::default();
+        apply(&mut aggregates, T, false, "direct");
+        let direct = aggregates.values.ids["direct"];
+        let link = aggregates.links.get_or_add("abc").expect("room");
+        let Tallies::Compact(tallies) = &mut link.tallies else {
+            panic!("a first click's tallies are compact");
+        };
+        let slot = CompactTally::slot(Kind::Referrer, direct).expect("a small id");
+        let referrer = tallies
+            .iter_mut()
+            .find(|tally| tally.slot == slot)
+            .expect("the referrer's tally");
+        // As after 4 billion clicks from one referrer.
+        referrer.count = u32::MAX;
+        apply(&mut aggregates, T, false, "direct");
+        let link = aggregates.links.get("abc").expect("clicked");
+        assert!(matches!(link.tallies, Tallies::Wide(_)));
+        let stats = stats(&aggregates, day_query(T));
+        assert_eq!(
+            stats.referrers,
+            vec![("direct".to_owned(), u64::from(u32::MAX) + 1)]
+        );
+        assert_eq!(stats.countries, vec![("DE".to_owned(), 2)]);
+        assert_eq!(stats.window, Counts { human: 2, bot: 0 });
     }
 
     #[test]
