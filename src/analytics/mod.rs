@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwapOption;
 use dashmap::DashMap;
 
+use crate::decimal;
 use crate::store::snapshot::Snapshot;
 use crate::store::SnapshotSlot;
 
@@ -613,16 +614,11 @@ pub struct SavedChanges {
 
 /// Appends `code<TAB>clicks<TAB>last_clicked_at` and a newline.
 fn write_line(text: &mut Vec<u8>, code: &str, stats: ClickStats) {
-    let mut digits = itoa::Buffer::new();
     text.extend_from_slice(code.as_bytes());
     text.push(b'\t');
-    text.extend_from_slice(digits.format(stats.clicks).as_bytes());
+    decimal::write_u64(text, stats.clicks);
     text.push(b'\t');
-    text.extend_from_slice(
-        digits
-            .format(stats.last_clicked_at_s.unwrap_or(0))
-            .as_bytes(),
-    );
+    decimal::write_i64(text, stats.last_clicked_at_s.unwrap_or(0));
     text.push(b'\n');
 }
 

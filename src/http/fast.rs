@@ -24,6 +24,7 @@ use tokio::sync::Notify;
 
 use super::redirect::{self, ClickContext, Verdict};
 use super::App;
+use crate::decimal;
 use crate::metrics::Route;
 use crate::store::link::RedirectStatus;
 
@@ -324,7 +325,7 @@ fn write_verdict(
                 None => out.extend_from_slice(redirect::CACHE_CONTROL_TEMPORARY.as_bytes()),
                 Some(max_age_s) => {
                     out.extend_from_slice(b"public, max-age=");
-                    write_decimal(out, max_age_s);
+                    decimal::write_u64(out, max_age_s);
                 }
             }
             out.extend_from_slice(b"\r\ncontent-length: 0\r\n");
@@ -374,7 +375,7 @@ fn write_error(
     out.extend_from_slice(b"\r\ncontent-type: ");
     out.extend_from_slice(content_type);
     out.extend_from_slice(b"\r\ncontent-length: ");
-    write_decimal(out, body_bytes as u64);
+    decimal::write_u64(out, body_bytes as u64);
     out.extend_from_slice(b"\r\n");
     write_date(out, now_s);
     out.extend_from_slice(b"\r\n");
@@ -384,22 +385,6 @@ fn write_error(
         }
     }
     status.as_u16()
-}
-
-/// Appends `value` in decimal without allocating.
-fn write_decimal(out: &mut Vec<u8>, value: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    let mut rest = value;
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (rest % 10) as u8;
-        rest /= 10;
-        if rest == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[at..]);
 }
 
 thread_local! {
@@ -464,15 +449,6 @@ mod tests {
         assert!(head.contains(&format!("content-length: {}", body.len())));
         let parsed: serde_json::Value = serde_json::from_str(body).expect("json");
         assert_eq!(parsed["code"], "expired");
-    }
-
-    #[test]
-    fn decimals() {
-        for value in [0, 7, 10, 86_400, u64::MAX] {
-            let mut out = Vec::new();
-            write_decimal(&mut out, value);
-            assert_eq!(out, value.to_string().into_bytes());
-        }
     }
 
     #[test]
