@@ -7,9 +7,42 @@
 //! arrival, which cost ~10% more CPU per request through the extra context switches, for no
 //! better tail, and starved the aggregator outright at saturation.) The WAL writer is not a
 //! background thread: writes wait on it.
+//!
+//! A lower priority decides who gets the CPU, not how long a background thread keeps it once
+//! it runs: with the kernel's 4 ms tick a busy worker could wait that long. So long loops of
+//! background work go through a [`Pacer`], which offers the CPU back every quarter of a
+//! millisecond.
 
 use std::io;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Longest a background thread works before it offers the CPU to whatever else is waiting.
+const BURST_MAX: Duration = Duration::from_micros(250);
+
+/// Paces a loop of background work: call [`Pacer::pace`] between pieces of it (each well under
+/// [`BURST_MAX`]); once a burst has lasted that long it yields the CPU. When nothing else
+/// waits the yield returns at once.
+pub struct Pacer {
+    burst_started: Instant,
+}
+
+impl Default for Pacer {
+    fn default() -> Pacer {
+        Pacer {
+            burst_started: Instant::now(),
+        }
+    }
+}
+
+impl Pacer {
+    pub fn pace(&mut self) {
+        if self.burst_started.elapsed() >= BURST_MAX {
+            std::thread::yield_now();
+            self.burst_started = Instant::now();
+        }
+    }
+}
 
 /// How much lower than the workers background threads run (a nice increment).
 #[cfg(target_os = "linux")]
@@ -57,6 +90,18 @@ mod tests {
             .expect("nice field")
             .parse()
             .expect("a number")
+    }
+
+    #[test]
+    fn a_pacer_yields_and_starts_a_new_burst_once_one_lasted_long_enough() {
+        let mut pacer = Pacer::default();
+        let first = pacer.burst_started;
+        std::thread::sleep(BURST_MAX);
+        pacer.pace();
+        assert!(
+            pacer.burst_started >= first + BURST_MAX,
+            "a yield, then a new burst"
+        );
     }
 
     #[test]

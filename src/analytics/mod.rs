@@ -36,6 +36,7 @@ use dashmap::DashMap;
 use crate::decimal;
 use crate::store::snapshot::Snapshot;
 use crate::store::SnapshotSlot;
+use crate::threads::Pacer;
 
 /// Every count, in the data dir.
 pub const CLICKS_FILE: &str = "clicks.tsv";
@@ -43,6 +44,9 @@ pub const CLICKS_FILE: &str = "clicks.tsv";
 pub const CLICK_CHANGES_FILE: &str = "clicks-changes.tsv";
 const CLICKS_FILE_HEADER: &str =
     "# kurz click counts: code<TAB>clicks<TAB>last_clicked_at (unix s)";
+/// Lines (or links moved) between two looks at the clock of a [`Pacer`]: a few microseconds of
+/// work.
+const PACE_EVERY: usize = 64;
 /// Longest [`ClickCounters::follow`] waits for redirects still counting into the old dense
 /// counts before it moves them anyway (a redirect takes microseconds; this only guards against
 /// a stuck thread).
@@ -340,7 +344,11 @@ impl ClickCounters {
     /// Moves every count of `old` to its code's slot in `fresh`, or to the keyed map for a
     /// code `fresh` does not hold.
     fn move_dense(&self, old: &DenseCounts, fresh: &DenseCounts) {
+        let mut pacer = Pacer::default();
         for (slot, cell) in old.cells.iter().enumerate() {
+            if slot % (PACE_EVERY * 64) == 0 {
+                pacer.pace();
+            }
             let stats = stats_of(&cell.clicks, &cell.last_clicked_at_s);
             if stats.clicks == 0 {
                 continue;
@@ -563,7 +571,11 @@ impl ClickCounters {
             dense.snapshot.prefetch_record(*slot);
         }
         let mut written = 0;
+        let mut pacer = Pacer::default();
         for (index, slot) in slots.iter().enumerate() {
+            if index % PACE_EVERY == 0 {
+                pacer.pace();
+            }
             if let Some(ahead) = slots.get(index + PREFETCH_AHEAD) {
                 dense.snapshot.prefetch_record(*ahead);
             }
@@ -586,7 +598,11 @@ impl ClickCounters {
     /// last save) and marks them saved; returns how many.
     fn write_keyed_lines(&self, text: &mut Vec<u8>, all: bool) -> usize {
         let mut written = 0;
-        for entry in self.keyed.iter() {
+        let mut pacer = Pacer::default();
+        for (index, entry) in self.keyed.iter().enumerate() {
+            if index % PACE_EVERY == 0 {
+                pacer.pace();
+            }
             let clicks = entry.clicks.load(Ordering::SeqCst);
             if !all && clicks == entry.saved_clicks.load(Ordering::SeqCst) {
                 continue;

@@ -28,6 +28,7 @@ use super::clicklog::{ClickLine, ClickLog, ClickLogError, ClickLogOptions};
 use super::geo::CountryResolver;
 use super::{agent, geo, referrer};
 use crate::fsutil;
+use crate::threads::Pacer;
 
 mod handoff;
 
@@ -35,8 +36,9 @@ pub use handoff::{ClickEvent, EventBatch};
 use handoff::{Lanes, ReadEvent};
 
 const CHECKPOINT_FILE: &str = "aggregates.json";
-/// Most events the aggregator applies under one lock of the aggregates.
-const BATCH_EVENTS_MAX: usize = 4096;
+/// Most events the aggregator applies under one lock of the aggregates: ~0.15 ms of work, after
+/// which it lets go of the lock and, if its burst is over, of the CPU.
+const BATCH_EVENTS_MAX: usize = 512;
 /// How often the aggregator looks at the lanes. It polls rather than waits: waking it per click
 /// would make every click on the redirect path pay for a thread wake-up (a futex call and a
 /// context switch), polling costs the aggregator one wake-up per interval.
@@ -616,6 +618,7 @@ impl Aggregator {
     /// Applies every event waiting in the lanes, at most [`BATCH_EVENTS_MAX`] under one lock of
     /// the aggregates.
     fn drain(&mut self) {
+        let mut pacer = Pacer::default();
         for lane in 0..self.lanes.len() {
             self.lanes.take(lane, &mut self.spare);
             if self.spare.events() == 0 {
@@ -637,6 +640,7 @@ impl Aggregator {
                 drop(aggregates);
                 self.shared
                     .counted(folded.events, folded.bot_events, folded.newest_at_s);
+                pacer.pace();
                 if folded.events < BATCH_EVENTS_MAX as u64 {
                     break;
                 }

@@ -511,7 +511,12 @@ impl Store {
         for (link, _) in &overlay_links {
             builder.add(link.view()).map_err(StoreError::from)?;
         }
-        for view in old.iter() {
+        // Often on a background thread beside the redirect workers: paced.
+        let mut pacer = crate::threads::Pacer::default();
+        for (index, view) in old.iter().enumerate() {
+            if index % 1024 == 0 {
+                pacer.pace();
+            }
             if !builder.contains(view.code) {
                 builder.add(view).map_err(StoreError::from)?;
             }
