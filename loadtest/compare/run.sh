@@ -8,8 +8,9 @@
 # For each server it measures: time from start to the first successful redirect; closed-loop
 # peak rate and its p99 (64 connections); open-loop latency at 50% and 90% of that peak;
 # requests per server CPU-second (utime+stime from /proc/PID/stat over each run); resident
-# memory (VmRSS of the serving process) after the load; nginx's reload time; and wrk's
-# closed-loop numbers on the same server for reference. It prints one table at the end.
+# memory (VmRSS of the serving process) after the load; nginx's reload time; for kurz, the
+# share of click analytics events it shed at the peak; and wrk's closed-loop numbers on the same
+# server for reference. It prints one table at the end.
 #
 # usage: loadtest/compare/run.sh [LINKS]        (default 1000000)
 # environment: DURATION (per run, default 10s), CONNECTIONS (default 64), KEEP_WORK_DIR=1 to
@@ -219,7 +220,7 @@ request = function() return wrk.format("GET", codes[math.random(#codes)]) end
 EOF
 
 RESULTS=$WORK/results.tsv
-printf 'server\tready_s\tpeak_rps\tpeak_p99_us\tpeak_req_per_cpu_s\tpeak_server_cpu\twrk_rps\twrk_p99\trate50\tp99_50_us\tp999_50_us\treq_per_cpu_s_50\trate90\tp99_90_us\tp999_90_us\trss_mb\trss_per_raw\treload_s\terrors\tother_cpu\n' >"$RESULTS"
+printf 'server\tready_s\tpeak_rps\tpeak_p99_us\tpeak_req_per_cpu_s\tpeak_server_cpu\twrk_rps\twrk_p99\trate50\tp99_50_us\tp999_50_us\treq_per_cpu_s_50\trate90\tp99_90_us\tp999_90_us\trss_mb\trss_per_raw\treload_s\tshed\terrors\tother_cpu\n' >"$RESULTS"
 
 # Waits (at most QUIET_WAIT_S) until the two CPUs have been nearly idle for a second, so a build
 # running beside the comparison does not land in the middle of a measurement.
@@ -237,16 +238,34 @@ wait_for_quiet() {
     note "the CPUs did not go quiet within ${QUIET_WAIT_S}s; measuring anyway (see the other CPU column)"
 }
 
-# Measures one running server: NAME PORT PID READY_S SERVING_PID RELOAD_S
+# A counter from a Prometheus endpoint (0 when absent): URL NAME
+metric() {
+    curl -s "$1" | awk -v name="$2" '$1 == name { printf "%.0f", $2; found = 1 } END { if (!found) print 0 }'
+}
+
+# Measures one running server: NAME PORT PID READY_S SERVING_PID RELOAD_S [METRICS_URL]
+# With METRICS_URL (kurz's admin /metrics), also the share of click analytics events the server
+# shed during the closed-loop peak (exact click counts are never shed).
 measure() {
-    local name=$1 port=$2 pid=$3 ready_s=$4
+    local name=$1 port=$2 pid=$3 ready_s=$4 metrics_url=${7:-}
     local out=$WORK/$name
     wait_for_quiet
     note "$name: warm-up"
     run_load "$port" "$pid" "$out-warm.json" --duration 2s
 
     note "$name: closed loop, $CONNECTIONS connections, $DURATION"
+    local shed=- dropped_before clicks_before
+    if [[ -n $metrics_url ]]; then
+        dropped_before=$(metric "$metrics_url" kurz_click_events_dropped_total)
+        clicks_before=$(metric "$metrics_url" kurz_clicks_total)
+    fi
     run_load "$port" "$pid" "$out-peak.json" --duration "$DURATION"
+    if [[ -n $metrics_url ]]; then
+        local dropped clicks
+        dropped=$(($(metric "$metrics_url" kurz_click_events_dropped_total) - dropped_before))
+        clicks=$(($(metric "$metrics_url" kurz_clicks_total) - clicks_before))
+        shed="$(calc "100 * $dropped / ($clicks > 0 ? $clicks : 1)" 0)%"
+    fi
     local peak_rps peak_p99 seconds
     peak_rps=$(json_field "$out-peak.json" "round(d['rps'])")
     peak_p99=$(json_field "$out-peak.json" "d['latency_us']['p99']")
@@ -284,7 +303,7 @@ measure() {
     done
     local serving_pid=$5 rss
     rss=$(rss_kb "$serving_pid")
-    row+=("$((rss / 1024))" "$(calc "$rss * 1024 / $RAW_BYTES" 1)x" "$6" "$errors" "$other_max%")
+    row+=("$((rss / 1024))" "$(calc "$rss * 1024 / $RAW_BYTES" 1)x" "$6" "$shed" "$errors" "$other_max%")
     (IFS=$'\t'; echo "${row[*]}") >>"$RESULTS"
 }
 
@@ -427,7 +446,7 @@ run_kurz() {
     local readyz
     readyz=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$KURZ_ADMIN_PORT/readyz" || true)
     [[ $readyz == 200 ]] || note "kurz: /readyz on the admin port answered $readyz after the first redirect"
-    measure kurz "$KURZ_PORT" "$pid" "$ready_s" "$pid" "-"
+    measure kurz "$KURZ_PORT" "$pid" "$ready_s" "$pid" "-" "http://127.0.0.1:$KURZ_ADMIN_PORT/metrics"
     stop_pid "$pid"
 }
 
@@ -472,7 +491,8 @@ columns = [
     ("50% rate (achieved)", "rate50"), ("p99", "p99_50_us"), ("p99.9", "p999_50_us"),
     ("req/CPU-s", "req_per_cpu_s_50"), ("90% rate (achieved)", "rate90"), ("p99 ", "p99_90_us"),
     ("p99.9 ", "p999_90_us"), ("RSS MB", "rss_mb"), ("RSS/raw", "rss_per_raw"),
-    ("reload s", "reload_s"), ("errors", "errors"), ("other CPU", "other_cpu"),
+    ("reload s", "reload_s"), ("analytics shed @peak", "shed"), ("errors", "errors"),
+    ("other CPU", "other_cpu"),
 ]
 print("| " + " | ".join(title.strip() for title, _ in columns) + " |")
 print("|" + "---|" * len(columns))
