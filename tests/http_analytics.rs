@@ -5,6 +5,7 @@
 mod common;
 
 use std::net::IpAddr;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::mmdb::write_test_mmdb;
@@ -415,6 +416,33 @@ fn the_raw_click_log_gets_every_click_as_a_json_line() {
     assert!(String::from_utf8_lossy(&refused.stderr).contains("click_log"));
 }
 
+/// A snapshot cycle through the admin API, which must succeed.
+fn snapshot_now(server: &Server, admin_key: &str) {
+    let snapshot = request(
+        server.admin,
+        "POST",
+        "/admin/snapshot",
+        &[("Authorization", &format!("Bearer {admin_key}"))],
+        b"",
+    );
+    assert_eq!(snapshot.status, 200, "{}", snapshot.text());
+}
+
+/// Waits (10 s at most) until the changes file holds `clicks` as `code`'s count.
+fn wait_for_saved_count(changes: &Path, code: &str, clicks: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(changes)
+        .unwrap_or_default()
+        .contains(&format!("{code}\t{clicks}\t"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "a count of {clicks} for {code} never reached the disk"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn counts_and_aggregates_outlive_a_snapshot_cycle_and_a_kill_9() {
     let dir = data_dir();
@@ -428,30 +456,13 @@ fn counts_and_aggregates_outlive_a_snapshot_cycle_and_a_kill_9() {
     stats_when(&server, &key, &code, |a| a["human_clicks"] == 4);
     // A snapshot cycle folds the link into a new snapshot file and deletes the WAL that held it;
     // the clicks live beside the snapshot and must not go with the WAL.
-    let snapshot = request(
-        server.admin,
-        "POST",
-        "/admin/snapshot",
-        &[("Authorization", &format!("Bearer {admin_key}"))],
-        b"",
-    );
-    assert_eq!(snapshot.status, 200, "{}", snapshot.text());
+    snapshot_now(&server, &admin_key);
     click(&server, &code, &[("User-Agent", FIREFOX)]);
     stats_when(&server, &key, &code, |a| a["human_clicks"] == 5);
     // Both the exact counts (checkpointed every second by default) and the analytics log
     // (every 50 ms here) have had time to reach the disk.
     let changes = dir.path().join("clicks-changes.tsv");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !std::fs::read_to_string(&changes)
-        .unwrap_or_default()
-        .contains(&format!("{code}\t5\t"))
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the 5th click never reached the disk"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_saved_count(&changes, &code, 5);
     server.kill9();
 
     let server = Server::start(dir.path(), &FLUSH);
@@ -466,26 +477,9 @@ fn counts_and_aggregates_outlive_a_snapshot_cycle_and_a_kill_9() {
     // Now the link is in the snapshot and its count sits in the dense counts by slot; another
     // cycle lays the table out anew and the count has to move with it.
     click(&server, &code, &[("User-Agent", FIREFOX)]);
-    let snapshot = request(
-        server.admin,
-        "POST",
-        "/admin/snapshot",
-        &[("Authorization", &format!("Bearer {admin_key}"))],
-        b"",
-    );
-    assert_eq!(snapshot.status, 200, "{}", snapshot.text());
+    snapshot_now(&server, &admin_key);
     click(&server, &code, &[("User-Agent", FIREFOX)]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !std::fs::read_to_string(&changes)
-        .unwrap_or_default()
-        .contains(&format!("{code}\t7\t"))
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the 7th click never reached the disk"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_saved_count(&changes, &code, 7);
     assert_eq!(stats(&server, &key, &code, "")["clicks"], 7);
     server.kill9();
     let server = Server::start(dir.path(), &FLUSH);
