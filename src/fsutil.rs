@@ -4,7 +4,7 @@
 
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 /// The temp file that sits beside `path` while it is being written.
@@ -35,15 +35,30 @@ pub fn rename_durably(temp: &Path, path: &Path) -> io::Result<()> {
 /// Replaces `path` with `bytes`: temp file, fsync, rename, fsync dir. On error the old file is
 /// untouched and the temp file removed.
 pub fn write_durably(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    write_durably_with(path, |out| out.write_all(bytes))
+}
+
+/// Bytes buffered between `write_to` and the temp file of [`write_durably_with`].
+const STREAM_BUFFER_BYTES: usize = 64 * 1024;
+
+/// [`write_durably`] for content too large to build in memory first: `write_to` streams it
+/// into the temp file through a buffer of [`STREAM_BUFFER_BYTES`].
+pub fn write_durably_with<F>(path: &Path, write_to: F) -> io::Result<()>
+where
+    F: FnOnce(&mut dyn Write) -> io::Result<()>,
+{
     let temp = temp_path(path);
     let written = (|| {
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .open(&temp)?;
-        file.write_all(bytes)?;
-        file.sync_all()
+        let mut out = BufWriter::with_capacity(STREAM_BUFFER_BYTES, file);
+        write_to(&mut out)?;
+        out.into_inner()
+            .map_err(|error| error.into_error())?
+            .sync_all()
     })();
     if let Err(error) = written {
         // Best effort: the error that matters is the write's, not the cleanup's.
@@ -65,6 +80,26 @@ mod tests {
         write_durably(&path, b"two").expect("second write");
         assert_eq!(fs::read(&path).expect("read"), b"two");
         assert!(!temp_path(&path).exists());
+    }
+
+    #[test]
+    fn a_failed_stream_keeps_the_old_file_and_leaves_no_temp() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("counts");
+        write_durably(&path, b"old").expect("first write");
+        let failed = write_durably_with(&path, |out| {
+            out.write_all(&[b'x'; 3 * STREAM_BUFFER_BYTES])?;
+            Err(io::Error::other("serialiser gave up"))
+        });
+        assert!(failed.is_err());
+        assert_eq!(fs::read(&path).expect("read"), b"old");
+        assert!(!temp_path(&path).exists());
+        write_durably_with(&path, |out| out.write_all(&[b'y'; 3 * STREAM_BUFFER_BYTES]))
+            .expect("streamed write");
+        assert_eq!(
+            fs::read(&path).expect("read").len(),
+            3 * STREAM_BUFFER_BYTES
+        );
     }
 
     #[test]

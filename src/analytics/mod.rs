@@ -23,8 +23,9 @@ pub mod geo;
 pub mod pipeline;
 pub mod referrer;
 
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Write as _};
+use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -198,8 +199,8 @@ pub struct ClickCounters {
     dense: ArcSwapOption<DenseCounts>,
     /// While the counts move: the previous dense counts, which no redirect changes any more.
     retiring: ArcSwapOption<DenseCounts>,
-    /// Held by whatever reads or moves every count (saves and [`Self::follow`]); the text
-    /// buffer of saves, kept between them (a save of 1M counts is ~30 MB of text).
+    /// Held by whatever reads or moves every count (saves and [`Self::follow`]); the buffer
+    /// of count lines on their way to a file, kept between saves.
     persisting: Mutex<Vec<u8>>,
     clicks_total: AtomicU64,
 }
@@ -485,24 +486,25 @@ impl ClickCounters {
     /// workers.
     pub fn save(&self, dir: &Path) -> Result<usize, ClicksError> {
         let mut text = self.lock_persisting();
-        text.clear();
         let path = dir.join(CLICKS_FILE);
-        text.extend_from_slice(CLICKS_FILE_HEADER.as_bytes());
-        text.push(b'\n');
         let mut saved = 0;
-        if let Some(dense) = &*self.dense.load() {
-            let keyed_empty = self.keyed.is_empty();
-            for word in dense.changed.iter() {
-                word.store(0, Ordering::SeqCst);
+        crate::fsutil::write_durably_with(&path, |out| {
+            let mut lines = LineSink::new(&mut text, out);
+            lines.text.extend_from_slice(CLICKS_FILE_HEADER.as_bytes());
+            lines.text.push(b'\n');
+            if let Some(dense) = &*self.dense.load() {
+                let keyed_empty = self.keyed.is_empty();
+                for word in dense.changed.iter() {
+                    word.store(0, Ordering::SeqCst);
+                }
+                let clicked = (0..dense.cells.len())
+                    .filter(|slot| dense.cells[*slot].clicks.load(Ordering::SeqCst) != 0);
+                saved += self.write_dense_lines(&mut lines, (dense, keyed_empty), clicked)?;
             }
-            let clicked: Vec<usize> = (0..dense.cells.len())
-                .filter(|slot| dense.cells[*slot].clicks.load(Ordering::SeqCst) != 0)
-                .collect();
-            saved += self.write_dense_lines(&mut text, (dense, keyed_empty), &clicked);
-        }
-        saved += self.write_keyed_lines(&mut text, true);
-        crate::fsutil::write_durably(&path, &text)
-            .map_err(|cause| ClicksError::Write { path, cause })?;
+            saved += self.write_keyed_lines(&mut lines, true)?;
+            lines.flush()
+        })
+        .map_err(|cause| ClicksError::Write { path, cause })?;
         let changes = dir.join(CLICK_CHANGES_FILE);
         File::create(&changes)
             .and_then(|file| file.sync_all())
@@ -518,25 +520,7 @@ impl ClickCounters {
     /// some changes may be marked saved without being on disk: follow it with [`Self::save`].
     pub fn save_changes(&self, dir: &Path) -> Result<SavedChanges, ClicksError> {
         let mut text = self.lock_persisting();
-        text.clear();
         let path = dir.join(CLICK_CHANGES_FILE);
-        let mut links = 0;
-        if let Some(dense) = &*self.dense.load() {
-            let keyed_empty = self.keyed.is_empty();
-            let mut changed = Vec::new();
-            for (index, word) in dense.changed.iter().enumerate() {
-                if word.load(Ordering::SeqCst) == 0 {
-                    continue;
-                }
-                let mut bits = word.swap(0, Ordering::SeqCst);
-                while bits != 0 {
-                    changed.push(index * 64 + bits.trailing_zeros() as usize);
-                    bits &= bits - 1;
-                }
-            }
-            links += self.write_dense_lines(&mut text, (dense, keyed_empty), &changed);
-        }
-        links += self.write_keyed_lines(&mut text, false);
         let write_error = |cause| ClicksError::Write {
             path: path.clone(),
             cause,
@@ -546,10 +530,32 @@ impl ClickCounters {
             .append(true)
             .open(&path)
             .map_err(write_error)?;
-        if links > 0 {
-            file.write_all(&text)
-                .and_then(|()| file.sync_data())
+        let mut lines = LineSink::new(&mut text, &mut file);
+        let mut links = 0;
+        if let Some(dense) = &*self.dense.load() {
+            let keyed_empty = self.keyed.is_empty();
+            let changed = dense.changed.iter().enumerate().flat_map(|(index, word)| {
+                let mut bits = if word.load(Ordering::SeqCst) == 0 {
+                    0
+                } else {
+                    word.swap(0, Ordering::SeqCst)
+                };
+                std::iter::from_fn(move || {
+                    let bit = (bits != 0).then(|| bits.trailing_zeros() as usize)?;
+                    bits &= bits - 1;
+                    Some(index * 64 + bit)
+                })
+            });
+            links += self
+                .write_dense_lines(&mut lines, (dense, keyed_empty), changed)
                 .map_err(write_error)?;
+        }
+        links += self
+            .write_keyed_lines(&mut lines, false)
+            .map_err(write_error)?;
+        lines.flush().map_err(write_error)?;
+        if links > 0 {
+            file.sync_data().map_err(write_error)?;
         }
         let file_bytes = file.metadata().map_err(write_error)?.len();
         Ok(SavedChanges { links, file_bytes })
@@ -562,25 +568,30 @@ impl ClickCounters {
     /// prefetched a few slots ahead so that the misses overlap.
     fn write_dense_lines(
         &self,
-        text: &mut Vec<u8>,
+        lines: &mut LineSink<'_>,
         (dense, keyed_empty): (&DenseCounts, bool),
-        slots: &[usize],
-    ) -> usize {
+        mut slots: impl Iterator<Item = usize>,
+    ) -> io::Result<usize> {
         const PREFETCH_AHEAD: usize = 16;
-        for slot in slots.iter().take(PREFETCH_AHEAD) {
-            dense.snapshot.prefetch_record(*slot);
-        }
+        let mut ahead: VecDeque<usize> = slots
+            .by_ref()
+            .take(PREFETCH_AHEAD)
+            .inspect(|slot| dense.snapshot.prefetch_record(*slot))
+            .collect();
         let mut written = 0;
         let mut pacer = Pacer::default();
-        for (index, slot) in slots.iter().enumerate() {
+        let mut index = 0;
+        while let Some(slot) = ahead.pop_front() {
+            if let Some(next) = slots.next() {
+                dense.snapshot.prefetch_record(next);
+                ahead.push_back(next);
+            }
             if index % PACE_EVERY == 0 {
                 pacer.pace();
             }
-            if let Some(ahead) = slots.get(index + PREFETCH_AHEAD) {
-                dense.snapshot.prefetch_record(*ahead);
-            }
-            let stats = dense.stats_at(*slot);
-            let Some(code) = dense.snapshot.code_at(*slot).filter(|_| stats.clicks != 0) else {
+            index += 1;
+            let stats = dense.stats_at(slot);
+            let Some(code) = dense.snapshot.code_at(slot).filter(|_| stats.clicks != 0) else {
                 continue;
             };
             let keyed = if keyed_empty {
@@ -588,15 +599,15 @@ impl ClickCounters {
             } else {
                 self.keyed_stats(code)
             };
-            write_line(text, code, stats.plus(keyed));
+            lines.push(code, stats.plus(keyed))?;
             written += 1;
         }
-        written
+        Ok(written)
     }
 
     /// Writes the totals of the keyed map's links (`all`, or those that changed since their
     /// last save) and marks them saved; returns how many.
-    fn write_keyed_lines(&self, text: &mut Vec<u8>, all: bool) -> usize {
+    fn write_keyed_lines(&self, lines: &mut LineSink<'_>, all: bool) -> io::Result<usize> {
         let mut written = 0;
         let mut pacer = Pacer::default();
         for (index, entry) in self.keyed.iter().enumerate() {
@@ -608,11 +619,11 @@ impl ClickCounters {
                 continue;
             }
             let keyed = stats_of(&entry.clicks, &entry.last_clicked_at_s);
-            write_line(text, entry.key(), keyed.plus(self.dense_stats(entry.key())));
+            lines.push(entry.key(), keyed.plus(self.dense_stats(entry.key())))?;
             entry.saved_clicks.store(clicks, Ordering::SeqCst);
             written += 1;
         }
-        written
+        Ok(written)
     }
 
     /// The size of `dir/clicks.tsv` (0 when there is none).
@@ -626,6 +637,37 @@ impl ClickCounters {
 pub struct SavedChanges {
     pub links: usize,
     pub file_bytes: u64,
+}
+
+/// Bytes of count lines formatted before they go out to the file.
+const LINES_CHUNK_BYTES: usize = 64 * 1024;
+
+/// Count lines on their way to a file: formatted into the buffer kept between saves and
+/// written out in chunks, so that a save of a million counts never holds them all.
+struct LineSink<'a> {
+    text: &'a mut Vec<u8>,
+    out: &'a mut dyn Write,
+}
+
+impl<'a> LineSink<'a> {
+    fn new(text: &'a mut Vec<u8>, out: &'a mut dyn Write) -> LineSink<'a> {
+        text.clear();
+        LineSink { text, out }
+    }
+
+    fn push(&mut self, code: &str, stats: ClickStats) -> io::Result<()> {
+        write_line(self.text, code, stats);
+        if self.text.len() >= LINES_CHUNK_BYTES {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.write_all(self.text)?;
+        self.text.clear();
+        Ok(())
+    }
 }
 
 /// Appends `code<TAB>clicks<TAB>last_clicked_at` and a newline.
@@ -869,6 +911,40 @@ mod tests {
         restored.restore(dir.path()).expect("restore");
         assert_eq!(restored.stats("c7").clicks, 2);
         assert_eq!(restored.stats("c150").clicks, 1);
+    }
+
+    #[test]
+    fn saves_of_many_chunks_write_every_count_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let all = codes(20_000);
+        let snapshot = snapshot_of(dir.path(), "s1", &all);
+        let counters = ClickCounters::default();
+        counters.follow(snapshot.clone());
+        for (index, code) in all.iter().enumerate() {
+            for _ in 0..index % 7 + 1 {
+                click(&counters, &snapshot, code, None);
+            }
+        }
+        assert_eq!(counters.save(dir.path()).expect("save"), all.len());
+        let saved = std::fs::read(dir.path().join(CLICKS_FILE)).expect("read");
+        assert!(saved.len() > 3 * LINES_CHUNK_BYTES, "several chunks");
+        assert_eq!(
+            saved.iter().filter(|byte| **byte == b'\n').count(),
+            all.len() + 1
+        );
+        for code in all.iter().step_by(3) {
+            click(&counters, &snapshot, code, None);
+        }
+        let changes = counters.save_changes(dir.path()).expect("changes");
+        assert_eq!(changes.links, all.len().div_ceil(3));
+        assert!(changes.file_bytes > LINES_CHUNK_BYTES as u64);
+
+        let restored = ClickCounters::default();
+        restored.follow(snapshot);
+        restored.restore(dir.path()).expect("restore");
+        for code in &all {
+            assert_eq!(restored.stats(code), counters.stats(code), "{code}");
+        }
     }
 
     #[test]

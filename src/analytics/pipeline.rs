@@ -28,7 +28,7 @@ use super::clicklog::{ClickLine, ClickLog, ClickLogError, ClickLogOptions};
 use super::geo::CountryResolver;
 use super::{agent, geo, referrer};
 use crate::fsutil;
-use crate::threads::Pacer;
+use crate::threads::{PacedWriter, Pacer};
 
 mod handoff;
 
@@ -684,23 +684,22 @@ impl Aggregator {
             Ok(next) => next,
             Err(error) => return tracing::error!("{error}"),
         };
-        let bytes = {
+        let path = self.log.dir.join(CHECKPOINT_FILE);
+        let written = fsutil::write_durably_with(&path, |out| {
             let mut aggregates = self.shared.aggregates();
             aggregates.prune(crate::timefmt::now_s());
-            serde_json::to_vec(&CheckpointRef {
+            let checkpoint = CheckpointRef {
                 covered_generation: covered,
                 aggregates: &aggregates,
-            })
-        };
-        let bytes = match bytes {
-            Ok(bytes) => bytes,
-            Err(error) => return tracing::error!("click checkpoint: {error}"),
-        };
-        self.log = next;
-        let path = self.log.dir.join(CHECKPOINT_FILE);
-        if let Err(error) = fsutil::write_durably(&path, &bytes) {
-            return tracing::error!("{}: {error}", path.display());
+            };
+            // Streamed and paced: the aggregates of every clicked link are never held a second
+            // time as JSON, and serialising them yields to redirects like other background work.
+            serde_json::to_writer(PacedWriter::new(out), &checkpoint).map_err(io::Error::from)
+        });
+        if let Err(error) = written {
+            return tracing::error!("click checkpoint {}: {error}", path.display());
         }
+        self.log = next;
         if let Ok(generations) = log_generations(&self.log.dir) {
             for generation in generations.into_iter().filter(|g| *g <= covered) {
                 let _ = fs::remove_file(log_path(&self.log.dir, generation));
