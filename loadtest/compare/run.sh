@@ -6,7 +6,8 @@
 # kernel's share that every server pays.
 #
 # For each server it measures: time from start to the first successful redirect; closed-loop
-# peak rate and its p99 (64 connections); open-loop latency at 50% and 90% of that peak;
+# peak rate and its p99 (64 connections); open-loop latency at 50% and 90% of that peak and at
+# one fixed rate, the same for every server (FIXED_RATE);
 # requests per server CPU-second (utime+stime from /proc/PID/stat over each run); resident
 # memory (VmRSS of the serving process) after the load; nginx's reload time; for kurz, the
 # share of click analytics events it shed at the peak; and wrk's closed-loop numbers on the same
@@ -15,7 +16,10 @@
 # usage: loadtest/compare/run.sh [LINKS]        (default 1000000)
 # environment: DURATION (per run, default 10s), CONNECTIONS (default 64), KEEP_WORK_DIR=1 to
 # keep the generated configs and logs, SKIP_WRK=1 to skip the wrk reference runs, QUIET_WAIT_S
-# (default 60) how long to wait for other processes to leave the CPUs before each server.
+# (default 60) how long to wait for other processes to leave the CPUs before each server,
+# FIXED_RATE (default 50000) the open-loop rate every server is also measured at,
+# STARTUP_ONLY=1 to measure only the time to the first redirect and the resident memory after
+# a 2 s warm-up load (no rate runs, no reload: for 10M links, where nginx needs minutes).
 #
 # Everything it starts listens on 127.0.0.1 only and is stopped by PID when the script exits.
 
@@ -24,6 +28,7 @@ set -euo pipefail
 LINKS=${1:-1000000}
 DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-64}
+FIXED_RATE=${FIXED_RATE:-50000}
 SERVER_CPU=0
 CLIENT_CPU=1
 NGINX_PORT=18081
@@ -44,6 +49,7 @@ die() { echo "compare: $*" >&2; exit 2; }
 note() { echo "compare: $*" >&2; }
 
 [[ $LINKS =~ ^[0-9]+$ && $LINKS -gt 0 ]] || die "LINKS must be a positive whole number, got '$LINKS'"
+[[ $FIXED_RATE =~ ^[0-9]+$ && $FIXED_RATE -gt 0 ]] || die "FIXED_RATE must be a positive whole number, got '$FIXED_RATE'"
 [[ $(nproc) -ge 2 ]] || die "needs 2 CPUs (server on CPU $SERVER_CPU, generator on CPU $CLIENT_CPU)"
 
 WORK=$(mktemp -d /tmp/kurz-compare.XXXXXX)
@@ -220,7 +226,7 @@ request = function() return wrk.format("GET", codes[math.random(#codes)]) end
 EOF
 
 RESULTS=$WORK/results.tsv
-printf 'server\tready_s\tpeak_rps\tpeak_p99_us\tpeak_req_per_cpu_s\tpeak_server_cpu\twrk_rps\twrk_p99\trate50\tp99_50_us\tp999_50_us\treq_per_cpu_s_50\trate90\tp99_90_us\tp999_90_us\trss_mb\trss_per_raw\treload_s\tshed\terrors\tother_cpu\n' >"$RESULTS"
+printf 'server\tready_s\tpeak_rps\tpeak_p99_us\tpeak_req_per_cpu_s\tpeak_server_cpu\twrk_rps\twrk_p99\trate50\tp50_50_us\tp99_50_us\tp999_50_us\treq_per_cpu_s_50\trate90\tp50_90_us\tp99_90_us\tp999_90_us\tfixed_rate\tp50_fixed_us\tp99_fixed_us\tp999_fixed_us\trss_mb\trss_per_raw\treload_s\tshed\terrors\tother_cpu\n' >"$RESULTS"
 
 # Waits (at most QUIET_WAIT_S) until the two CPUs have been nearly idle for a second, so a build
 # running beside the comparison does not land in the middle of a measurement.
@@ -252,6 +258,15 @@ measure() {
     wait_for_quiet
     note "$name: warm-up"
     run_load "$port" "$pid" "$out-warm.json" --duration 2s
+    if [[ ${STARTUP_ONLY:-0} == 1 ]]; then
+        local rss
+        rss=$(rss_kb "$5")
+        local row=("$name" "$ready_s")
+        while ((${#row[@]} < 21)); do row+=("-"); done
+        row+=("$((rss / 1024))" "$(calc "$rss * 1024 / $RAW_BYTES" 1)x" "$6" "-" "-" "$LOAD_OTHER_PCT%")
+        (IFS=$'\t'; echo "${row[*]}") >>"$RESULTS"
+        return 0
+    fi
 
     note "$name: closed loop, $CONNECTIONS connections, $DURATION"
     local shed=- dropped_before clicks_before
@@ -287,13 +302,20 @@ measure() {
     errors=$(json_field "$out-peak.json" "d['errors']['total']")
     local other_max=$LOAD_OTHER_PCT
     local row=("$name" "$ready_s" "$peak_rps" "$peak_p99" "$peak_per_cpu" "$peak_cpu" "${wrk_rps:--}" "${wrk_p99:--}")
-    local share rate
-    for share in 50 90; do
-        rate=$((peak_rps * share / 100))
-        note "$name: open loop at $rate req/s ($share% of peak), $DURATION"
+    local share rate label
+    for share in 50 90 fixed; do
+        if [[ $share == fixed ]]; then
+            rate=$FIXED_RATE
+            label="$rate req/s (the same for every server)"
+        else
+            rate=$((peak_rps * share / 100))
+            label="$rate req/s ($share% of peak)"
+        fi
+        note "$name: open loop at $label, $DURATION"
         run_load "$port" "$pid" "$out-$share.json" --rate "$rate" --duration "$DURATION"
         other_max=$((LOAD_OTHER_PCT > other_max ? LOAD_OTHER_PCT : other_max))
         row+=("$rate ($(json_field "$out-$share.json" "round(d['rps'])"))" \
+            "$(json_field "$out-$share.json" "d['latency_us']['p50']")" \
             "$(json_field "$out-$share.json" "d['latency_us']['p99']")" \
             "$(json_field "$out-$share.json" "d['latency_us']['p999']")")
         if [[ $share == 50 ]]; then
@@ -370,8 +392,13 @@ EOF
     local worker
     worker=$(ps --ppid "$pid" -o pid= | head -1 | tr -d ' ')
 
+    local reload_start reload_s=- new_worker=$worker
+    if [[ ${STARTUP_ONLY:-0} == 1 ]]; then
+        measure nginx "$NGINX_PORT" "$pid" "$ready_s" "$worker" "$reload_s"
+        stop_pid "$pid"
+        return 0
+    fi
     note "nginx: reload (rebuilds the map)"
-    local reload_start reload_s new_worker
     reload_start=$(now_s)
     kill -HUP "$pid"
     while true; do
@@ -488,9 +515,11 @@ columns = [
     ("server", "server"), ("ready s", "ready_s"), ("peak (closed)", "peak_rps"),
     ("p99 @peak", "peak_p99_us"), ("req/CPU-s @peak", "peak_req_per_cpu_s"),
     ("server CPU", "peak_server_cpu"), ("wrk peak", "wrk_rps"), ("wrk p99", "wrk_p99"),
-    ("50% rate (achieved)", "rate50"), ("p99", "p99_50_us"), ("p99.9", "p999_50_us"),
-    ("req/CPU-s", "req_per_cpu_s_50"), ("90% rate (achieved)", "rate90"), ("p99 ", "p99_90_us"),
-    ("p99.9 ", "p999_90_us"), ("RSS MB", "rss_mb"), ("RSS/raw", "rss_per_raw"),
+    ("50% rate (achieved)", "rate50"), ("p50", "p50_50_us"), ("p99", "p99_50_us"),
+    ("p99.9", "p999_50_us"), ("req/CPU-s", "req_per_cpu_s_50"),
+    ("90% rate (achieved)", "rate90"), ("p50", "p50_90_us"), ("p99", "p99_90_us"),
+    ("p99.9", "p999_90_us"), ("fixed rate (achieved)", "fixed_rate"), ("p50", "p50_fixed_us"),
+    ("p99", "p99_fixed_us"), ("p99.9", "p999_fixed_us"), ("RSS MB", "rss_mb"), ("RSS/raw", "rss_per_raw"),
     ("reload s", "reload_s"), ("analytics shed @peak", "shed"), ("errors", "errors"),
     ("other CPU", "other_cpu"),
 ]

@@ -49,6 +49,9 @@ pub const HEADER_BYTES_MAX: usize = 512;
 /// Bytes of memory a drained lane's buffer keeps for the next drain; one that grew past this in
 /// a burst is given back.
 const LANE_BYTES_KEPT: usize = 1 << 20;
+/// Log lines buffered before they are written to the event log between two flushes, so that
+/// a second of clicks at a high rate is not held in memory until the fsync.
+const LOG_WRITE_BYTES: usize = 256 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AnalyticsError {
@@ -360,6 +363,8 @@ struct EventLog {
     generation: u64,
     file: File,
     path: PathBuf,
+    /// Lines were appended since the last fsync.
+    unsynced: bool,
 }
 
 impl EventLog {
@@ -376,7 +381,29 @@ impl EventLog {
             generation,
             file,
             path,
+            unsynced: false,
         })
+    }
+
+    /// Hands `lines` to the file and empties them (not yet durable: see [`Self::sync`]). On
+    /// an error they stay, to be retried.
+    fn append(&mut self, lines: &mut Vec<u8>) -> io::Result<()> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        self.file.write_all(lines)?;
+        lines.clear();
+        self.unsynced = true;
+        Ok(())
+    }
+
+    /// Makes every line appended so far durable.
+    fn sync(&mut self) -> io::Result<()> {
+        if self.unsynced {
+            self.file.sync_data()?;
+            self.unsynced = false;
+        }
+        Ok(())
     }
 }
 
@@ -640,6 +667,10 @@ impl Aggregator {
                 drop(aggregates);
                 self.shared
                     .counted(folded.events, folded.bot_events, folded.newest_at_s);
+                if self.pending.len() >= LOG_WRITE_BYTES {
+                    // A failed write keeps the lines; the next flush retries and reports it.
+                    let _ = self.log.append(&mut self.pending);
+                }
                 pacer.pace();
                 if folded.events < BATCH_EVENTS_MAX as u64 {
                     break;
@@ -657,18 +688,14 @@ impl Aggregator {
                 tracing::error!("{error}");
             }
         }
-        if self.pending.is_empty() {
-            return;
-        }
-        let written = self
+        let synced = self
             .log
-            .file
-            .write_all(&self.pending)
-            .and_then(|()| self.log.file.sync_data());
-        match written {
-            Ok(()) => self.pending.clear(),
-            // Keep the lines: the next flush retries, and the aggregates already count them.
-            Err(error) => tracing::error!("{}: {error}", self.log.path.display()),
+            .append(&mut self.pending)
+            .and_then(|()| self.log.sync());
+        if let Err(error) = synced {
+            // The lines not written stay pending: the next flush retries them, and the
+            // aggregates already count them.
+            tracing::error!("{}: {error}", self.log.path.display());
         }
     }
 
@@ -808,6 +835,31 @@ mod tests {
             .expect("clicked")
             .expect("stats");
         assert_eq!(stats.human_total, 100);
+    }
+
+    #[test]
+    fn lines_reach_the_log_between_flushes_at_a_high_click_rate() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pipeline = ClickPipeline::start(AnalyticsOptions {
+            flush_interval: Duration::from_secs(3600),
+            ..AnalyticsOptions::new(dir.path().to_owned())
+        })
+        .expect("start");
+        let log = log_path(dir.path(), 1);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut clicks = 0;
+        while fs::metadata(&log).map_or(0, |meta| meta.len()) < LOG_WRITE_BYTES as u64 {
+            assert!(
+                Instant::now() < deadline,
+                "the lines of {clicks} clicks were held for the flush"
+            );
+            for _ in 0..1000 {
+                pipeline.record(&event("c", T + clicks, FIREFOX, None));
+                clicks += 1;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        pipeline.shutdown();
     }
 
     #[test]
