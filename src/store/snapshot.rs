@@ -47,6 +47,7 @@ use rkyv::{Archive, Serialize};
 
 use super::link::{LinkMeta, LinkStatus, LinkView, RedirectStatus};
 use crate::fsutil;
+use crate::threads::PacedWriter;
 
 const MAGIC: &[u8; 8] = b"KURZSNAP";
 const FORMAT_VERSION: u32 = 1;
@@ -498,7 +499,8 @@ fn write_body(
         .create(true)
         .truncate(true)
         .open(temp_path)?;
-    let mut buffered = BufWriter::with_capacity(WRITE_BUFFER_BYTES, file);
+    // Paced: a snapshot is built beside redirects, often on their CPU.
+    let mut buffered = BufWriter::with_capacity(WRITE_BUFFER_BYTES, PacedWriter::new(file));
     buffered.write_all(&[0u8; HEADER_BYTES])?;
     let checksummed = ChecksumWriter {
         inner: buffered,
@@ -519,7 +521,11 @@ fn write_body(
             .map(|elapsed| elapsed.as_millis() as u64)
             .unwrap_or(0),
     };
-    let mut file = checksummed.inner.into_inner().map_err(|e| e.into_error())?;
+    let mut file = checksummed
+        .inner
+        .into_inner()
+        .map_err(|e| e.into_error())?
+        .into_inner();
     file.seek(SeekFrom::Start(0))?;
     file.write_all(&header.encode())?;
     file.sync_all()?;
