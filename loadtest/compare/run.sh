@@ -19,7 +19,13 @@
 # (default 60) how long to wait for other processes to leave the CPUs before each server,
 # FIXED_RATE (default 50000) the open-loop rate every server is also measured at,
 # STARTUP_ONLY=1 to measure only the time to the first redirect and the resident memory after
-# a 2 s warm-up load (no rate runs, no reload: for 10M links, where nginx needs minutes).
+# a 2 s warm-up load (no rate runs, no reload: for 10M links, where nginx needs minutes),
+# PAIRED_ROUNDS (default 5) and ROUND_DURATION (default 5s) for the paired rounds.
+#
+# Paired rounds: after the per-server measurements every server is still up, and each in turn
+# gets a closed-loop run of ROUND_DURATION, PAIRED_ROUNDS times (the order rotating per round).
+# On a shared VM one server's figure drifts by 10-25% between its own runs minutes apart; taken
+# round by round, the ratios between servers see the same machine.
 #
 # Everything it starts listens on 127.0.0.1 only and is stopped by PID when the script exits.
 
@@ -29,6 +35,8 @@ LINKS=${1:-1000000}
 DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-64}
 FIXED_RATE=${FIXED_RATE:-50000}
+PAIRED_ROUNDS=${PAIRED_ROUNDS:-5}
+ROUND_DURATION=${ROUND_DURATION:-5s}
 SERVER_CPU=0
 CLIENT_CPU=1
 NGINX_PORT=18081
@@ -50,6 +58,7 @@ note() { echo "compare: $*" >&2; }
 
 [[ $LINKS =~ ^[0-9]+$ && $LINKS -gt 0 ]] || die "LINKS must be a positive whole number, got '$LINKS'"
 [[ $FIXED_RATE =~ ^[0-9]+$ && $FIXED_RATE -gt 0 ]] || die "FIXED_RATE must be a positive whole number, got '$FIXED_RATE'"
+[[ $PAIRED_ROUNDS =~ ^[0-9]+$ ]] || die "PAIRED_ROUNDS must be a whole number, got '$PAIRED_ROUNDS'"
 [[ $(nproc) -ge 2 ]] || die "needs 2 CPUs (server on CPU $SERVER_CPU, generator on CPU $CLIENT_CPU)"
 
 WORK=$(mktemp -d /tmp/kurz-compare.XXXXXX)
@@ -343,6 +352,40 @@ stop_pid() {
     wait "$1" 2>/dev/null || true
 }
 
+# Keeps a measured server running for the paired rounds (or stops it when there are none):
+# NAME PORT PID
+KEPT_NAMES=()
+KEPT_PORTS=()
+KEPT_PIDS=()
+keep_for_rounds() {
+    if [[ ${STARTUP_ONLY:-0} == 1 ]] || ((PAIRED_ROUNDS == 0)); then
+        stop_pid "$3"
+        return 0
+    fi
+    KEPT_NAMES+=("$1")
+    KEPT_PORTS+=("$2")
+    KEPT_PIDS+=("$3")
+}
+
+ROUNDS=$WORK/rounds.tsv
+# The paired rounds (see the top of this file); one line per run into ROUNDS.
+paired_rounds() {
+    local servers=${#KEPT_NAMES[@]}
+    ((servers > 1)) || return 0
+    wait_for_quiet
+    local round turn index
+    for round in $(seq "$PAIRED_ROUNDS"); do
+        for turn in $(seq 0 $((servers - 1))); do
+            index=$(((round + turn) % servers))
+            note "paired round $round of $PAIRED_ROUNDS: ${KEPT_NAMES[$index]}, $ROUND_DURATION"
+            run_load "${KEPT_PORTS[$index]}" "${KEPT_PIDS[$index]}" "$WORK/round.json" \
+                --duration "$ROUND_DURATION"
+            printf '%s\t%s\t%s\t%s\n' "$round" "${KEPT_NAMES[$index]}" \
+                "$(per_cpu_s "$LOAD_REQUESTS" "$LOAD_CPU_S")" "$LOAD_OTHER_PCT" >>"$ROUNDS"
+        done
+    done
+}
+
 # --- nginx -------------------------------------------------------------------------------------
 
 run_nginx() {
@@ -395,7 +438,7 @@ EOF
     local reload_start reload_s=- new_worker=$worker
     if [[ ${STARTUP_ONLY:-0} == 1 ]]; then
         measure nginx "$NGINX_PORT" "$pid" "$ready_s" "$worker" "$reload_s"
-        stop_pid "$pid"
+        keep_for_rounds nginx "$NGINX_PORT" "$pid"
         return 0
     fi
     note "nginx: reload (rebuilds the map)"
@@ -413,7 +456,7 @@ EOF
     done
     reload_s=$(calc "$(now_s) - $reload_start" 2)
     measure nginx "$NGINX_PORT" "$pid" "$ready_s" "$new_worker" "$reload_s"
-    stop_pid "$pid"
+    keep_for_rounds nginx "$NGINX_PORT" "$pid"
 }
 
 # --- HAProxy -----------------------------------------------------------------------------------
@@ -444,7 +487,7 @@ EOF
     ready_s=$(wait_for_redirect "$HAPROXY_PORT" "$start_s" "$pid") ||
         die "haproxy did not serve a redirect: $(tail -3 "$dir/haproxy.log")"
     measure haproxy "$HAPROXY_PORT" "$pid" "$ready_s" "$pid" "-"
-    stop_pid "$pid"
+    keep_for_rounds haproxy "$HAPROXY_PORT" "$pid"
 }
 
 # --- kurz --------------------------------------------------------------------------------------
@@ -474,7 +517,7 @@ run_kurz() {
     readyz=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$KURZ_ADMIN_PORT/readyz" || true)
     [[ $readyz == 200 ]] || note "kurz: /readyz on the admin port answered $readyz after the first redirect"
     measure kurz "$KURZ_PORT" "$pid" "$ready_s" "$pid" "-" "http://127.0.0.1:$KURZ_ADMIN_PORT/metrics"
-    stop_pid "$pid"
+    keep_for_rounds kurz "$KURZ_PORT" "$pid"
 }
 
 # --- the floor ---------------------------------------------------------------------------------
@@ -493,13 +536,14 @@ run_floor() {
     pid=$STARTED_PID
     ready_s=$(wait_for_redirect "$FLOOR_PORT" "$start_s" "$pid") || die "the floor server did not answer"
     measure floor "$FLOOR_PORT" "$pid" "$ready_s" "$pid" "-"
-    stop_pid "$pid"
+    keep_for_rounds floor "$FLOOR_PORT" "$pid"
 }
 
 run_nginx
 run_haproxy
 run_kurz
 run_floor
+paired_rounds
 
 # --- table -------------------------------------------------------------------------------------
 
@@ -528,3 +572,30 @@ print("|" + "---|" * len(columns))
 for row in rows:
     print("| " + " | ".join(row[key] for _, key in columns) + " |")
 EOF
+if [[ -s $ROUNDS ]]; then
+    echo
+    echo "paired rounds: requests per server CPU-second, closed loop, $ROUND_DURATION a run, every server in turn"
+    python3 - "$ROUNDS" <<'EOF'
+import statistics, sys
+runs = {}
+for line in open(sys.argv[1]):
+    round_, name, per_cpu_s, other = line.rstrip("\n").split("\t")
+    runs.setdefault(name, {})[int(round_)] = (float(per_cpu_s), other)
+order = ["nginx", "haproxy", "kurz", "floor"]
+names = sorted(runs, key=lambda name: order.index(name) if name in order else len(order))
+others = [name for name in names if name != "nginx"] if "nginx" in runs else []
+print("| round | " + " | ".join(names) + "".join(f" | {name}/nginx" for name in others) + " |")
+print("|" + "---|" * (1 + len(names) + len(others)))
+ratios = {name: [] for name in others}
+for round_ in sorted(runs[names[0]]):
+    cells = [f"{runs[name][round_][0]:.0f} (other {runs[name][round_][1]}%)" for name in names]
+    for name in others:
+        ratios[name].append(runs[name][round_][0] / runs["nginx"][round_][0])
+        cells.append(f"{ratios[name][-1]:.2f}x")
+    print(f"| {round_} | " + " | ".join(cells) + " |")
+cells = [f"{statistics.median(value for value, _ in runs[name].values()):.0f}" for name in names]
+cells += [f"{statistics.median(ratios[name]):.2f}x ({min(ratios[name]):.2f}-{max(ratios[name]):.2f})"
+          for name in others]
+print("| median | " + " | ".join(cells) + " |")
+EOF
+fi
