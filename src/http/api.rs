@@ -207,7 +207,9 @@ pub async fn handle(app: &Arc<App>, request: Request<Incoming>, peer: IpAddr) ->
             }
             Some(_) => (Route::Other, Err(method_not_allowed())),
             None => match path.strip_prefix("/api/v1/stats/") {
-                Some(code) if method == Method::GET => (Route::Stats, stats(app, &request, code)),
+                Some(code) if method == Method::GET => {
+                    (Route::Stats, stats(app, &request, code).await)
+                }
                 Some(_) => (Route::Other, Err(method_not_allowed())),
                 None if matches!(
                     path,
@@ -887,20 +889,35 @@ fn ranked(entries: &[(String, u64)], key: &str) -> Value {
     )
 }
 
-fn stats<B>(app: &App, request: &Request<B>, code: &str) -> Result<Response, ApiError> {
+async fn stats<B>(app: &Arc<App>, request: &Request<B>, code: &str) -> Result<Response, ApiError> {
     require_key(app, request.headers())?;
     let link = existing(app, code)?;
     let now_s = super::now_s();
     let query = stats_query(request.uri().query(), now_s)?;
     // With --no-click-analytics there are only the exact counts; the breakdowns stay empty.
-    let analytics = match app.analytics() {
-        None if app.config.click_analytics => return Err(not_ready()),
-        analytics => analytics,
-    };
-    let answer = analytics
-        .and_then(|analytics| analytics.stats(&link.code, query, now_s))
-        .unwrap_or_else(|| LinkStats::no_clicks(query, now_s))
-        .map_err(|error| bad_query(error.to_string()))?;
+    if app.analytics().is_none() && app.config.click_analytics {
+        return Err(not_ready());
+    }
+    // Off the async workers: the aggregates' lock is also held by the aggregator, for as long
+    // as a checkpoint takes, and a worker waiting on it would stall every redirect it serves.
+    let asking = Arc::clone(app);
+    let asked_code = link.code.clone();
+    let answer = tokio::task::spawn_blocking(move || {
+        asking
+            .analytics()
+            .and_then(|analytics| analytics.stats(&asked_code, query, now_s))
+    })
+    .await
+    .map_err(|error| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "stats_failed",
+            error.to_string(),
+        )
+    })?
+    .unwrap_or_else(|| LinkStats::no_clicks(query, now_s))
+    .map_err(|error| bad_query(error.to_string()))?;
+    let analytics = app.analytics();
     let clicks = app.click_stats(&link.code);
     let step_s = query.granularity.seconds();
     Ok(json_response(
