@@ -46,14 +46,19 @@ impl Pacer {
 
 /// Most bytes a [`PacedWriter`] passes on in one write: well under [`BURST_MAX`] of copying.
 const PACED_WRITE_BYTES_MAX: usize = 256 * 1024;
+/// Bytes a [`PacedWriter`] passes on between two looks at the clock: a serialiser writes a
+/// token at a time, and a clock read per token would cost more than the tokens.
+const PACED_CHECK_BYTES: usize = 16 * 1024;
 
-/// A writer that paces the work feeding it: every write first offers the CPU back if the
-/// burst has lasted [`BURST_MAX`], and passes on at most [`PACED_WRITE_BYTES_MAX`], so a
-/// serialiser writing through it yields between pieces of output without knowing about
-/// pacing, and one large slice is copied to the kernel in several pieces.
+/// A writer that paces the work feeding it: once [`PACED_CHECK_BYTES`] went through since it
+/// last looked, a write first offers the CPU back if the burst has lasted [`BURST_MAX`]; and
+/// it passes on at most [`PACED_WRITE_BYTES_MAX`] a write. So a serialiser writing through it
+/// yields between pieces of output without knowing about pacing, and one large slice is
+/// copied to the kernel in several pieces.
 pub struct PacedWriter<W> {
     inner: W,
     pacer: Pacer,
+    unchecked_bytes: usize,
 }
 
 impl<W: Write> PacedWriter<W> {
@@ -61,6 +66,7 @@ impl<W: Write> PacedWriter<W> {
         PacedWriter {
             inner,
             pacer: Pacer::default(),
+            unchecked_bytes: 0,
         }
     }
 
@@ -71,9 +77,15 @@ impl<W: Write> PacedWriter<W> {
 
 impl<W: Write> Write for PacedWriter<W> {
     fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
-        self.pacer.pace();
-        self.inner
-            .write(&bytes[..bytes.len().min(PACED_WRITE_BYTES_MAX)])
+        if self.unchecked_bytes >= PACED_CHECK_BYTES {
+            self.pacer.pace();
+            self.unchecked_bytes = 0;
+        }
+        let written = self
+            .inner
+            .write(&bytes[..bytes.len().min(PACED_WRITE_BYTES_MAX)])?;
+        self.unchecked_bytes += written;
+        Ok(written)
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -148,13 +160,19 @@ mod tests {
         out.write_all(b"one ").expect("write");
         std::thread::sleep(BURST_MAX);
         out.write_all(b"two").expect("write");
-        assert!(out.pacer.burst_started >= first + BURST_MAX);
+        assert_eq!(out.pacer.burst_started, first, "no look at the clock yet");
+        out.write_all(&[b' '; PACED_CHECK_BYTES]).expect("write");
+        out.write_all(b"!").expect("write");
+        assert!(out.pacer.burst_started >= first + BURST_MAX, "a yield");
         let large = vec![7u8; 3 * PACED_WRITE_BYTES_MAX];
         assert_eq!(out.write(&large).expect("write"), PACED_WRITE_BYTES_MAX);
         out.write_all(&large).expect("write all");
         let written = out.into_inner();
         assert_eq!(&written[..7], b"one two");
-        assert_eq!(written.len(), 7 + 4 * PACED_WRITE_BYTES_MAX);
+        assert_eq!(
+            written.len(),
+            7 + PACED_CHECK_BYTES + 1 + 4 * PACED_WRITE_BYTES_MAX
+        );
     }
 
     #[test]
