@@ -842,6 +842,15 @@ mod tests {
         Arc::new(Snapshot::open(&path).expect("open"))
     }
 
+    /// Fresh counters placed on `snapshot` and restored from `dir`, as at start-up; with the
+    /// number of saved links they read.
+    fn restored_from(dir: &Path, snapshot: Arc<Snapshot>) -> (ClickCounters, u64) {
+        let restored = ClickCounters::default();
+        restored.follow(snapshot);
+        let lines = restored.restore(dir).expect("restore");
+        (restored, lines)
+    }
+
     fn codes(count: usize) -> Vec<String> {
         (0..count).map(|i| format!("c{i}")).collect()
     }
@@ -876,9 +885,8 @@ mod tests {
         assert_eq!(counters.clicks_total(), 6);
         assert_eq!(counters.save(dir.path()).expect("save"), 3);
 
-        let restored = ClickCounters::default();
-        restored.follow(snapshot.clone());
-        assert_eq!(restored.restore(dir.path()).expect("restore"), 3);
+        let (restored, lines) = restored_from(dir.path(), snapshot.clone());
+        assert_eq!(lines, 3);
         assert_eq!(
             restored.keyed.len(),
             1,
@@ -906,9 +914,7 @@ mod tests {
             0
         );
 
-        let restored = ClickCounters::default();
-        restored.follow(snapshot);
-        restored.restore(dir.path()).expect("restore");
+        let (restored, _) = restored_from(dir.path(), snapshot);
         assert_eq!(restored.stats("c7").clicks, 2);
         assert_eq!(restored.stats("c150").clicks, 1);
     }
@@ -939,9 +945,7 @@ mod tests {
         assert_eq!(changes.links, all.len().div_ceil(3));
         assert!(changes.file_bytes > LINES_CHUNK_BYTES as u64);
 
-        let restored = ClickCounters::default();
-        restored.follow(snapshot);
-        restored.restore(dir.path()).expect("restore");
+        let (restored, _) = restored_from(dir.path(), snapshot);
         for code in &all {
             assert_eq!(restored.stats(code), counters.stats(code), "{code}");
         }
@@ -1025,9 +1029,7 @@ mod tests {
 
         // And all of it is saved and restored against the new snapshot.
         counters.save(dir.path()).expect("save");
-        let restored = ClickCounters::default();
-        restored.follow(second);
-        restored.restore(dir.path()).expect("restore");
+        let (restored, _) = restored_from(dir.path(), second);
         for (index, expected) in served.iter().enumerate() {
             let code = format!("c{index}");
             assert_eq!(restored.stats(&code).clicks, *expected, "{code} restored");
