@@ -247,6 +247,19 @@ impl ClickCounters {
         served
     }
 
+    /// Starts loading, into the CPU's cache, the count of the snapshot link in table `slot`, for
+    /// a click about to be recorded. A hint only.
+    pub fn prefetch(&self, slot: usize) {
+        if let Some(cell) = self
+            .dense
+            .load()
+            .as_ref()
+            .and_then(|dense| dense.cells.get(slot))
+        {
+            crate::store::snapshot::prefetch(cell);
+        }
+    }
+
     fn record_keyed(&self, code: &str, now_s: i64) {
         match self.keyed.get(code) {
             Some(cell) => count(&cell, None, now_s),

@@ -1,9 +1,9 @@
-//! The lean HTTP/1.1 path of the public listener: parses requests with httparse straight from the
-//! connection's buffer and answers `GET`/`HEAD /{code}` with pre-shaped bytes (one read, one
-//! write per request, no per-request allocation beyond the buffers a connection keeps). Anything
-//! else — another method or route, a body, `Connection: close`, `Expect`, HTTP/1.0, malformed or
-//! oversized heads — hands the connection, with every byte already read, to hyper for the rest
-//! of its life, so hyper stays the one place that deals with unusual HTTP.
+//! The lean HTTP/1.1 path of the public listener: parses a request with httparse straight from
+//! the bytes a connection read and answers `GET`/`HEAD /{code}` with pre-shaped bytes, no
+//! allocation per request. Anything else — another method or route, a body, `Connection:
+//! close`, `Expect`, HTTP/1.0, malformed or oversized heads — is left to hyper, which takes the
+//! connection, with every byte already read ([`Prefixed`]), for the rest of its life, so hyper
+//! stays the one place that deals with unusual HTTP. The event loops (`lean_loop`) drive it.
 //! Never answers anything but `/{code}`, and never reads the store except through
 //! [`redirect::decide`].
 
@@ -14,13 +14,12 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 use hyper::StatusCode;
 use time::macros::format_description;
 use time::OffsetDateTime;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::Notify;
 
 use super::redirect::{self, ClickContext, Verdict};
 use super::App;
@@ -28,18 +27,21 @@ use crate::decimal;
 use crate::metrics::Route;
 use crate::store::link::RedirectStatus;
 
-/// Bytes a connection's read buffer grows by; also its starting size.
-const READ_CHUNK_BYTES: usize = 4096;
+/// Longest code [`code_hint`] looks for.
+const CODE_HINT_BYTES_MAX: usize = 64;
 /// Headers the fast path parses; a request with more goes to hyper (which caps them itself).
 const HEADERS_MAX: usize = 32;
-/// The redirect latency histogram gets every this-many-th request of a connection (the first
-/// included): timing costs two clock reads, a sample describes the distribution as well.
-const LATENCY_SAMPLE_EVERY: u32 = 8;
 
 /// A connection handed to hyper: the bytes the fast path read but did not answer, then the socket.
 pub struct Prefixed {
     prefix: Bytes,
     stream: TcpStream,
+}
+
+impl Prefixed {
+    pub fn new(prefix: Bytes, stream: TcpStream) -> Prefixed {
+        Prefixed { prefix, stream }
+    }
 }
 
 impl AsyncRead for Prefixed {
@@ -90,7 +92,7 @@ impl AsyncWrite for Prefixed {
 }
 
 /// What one parse of the buffer led to.
-enum Step {
+pub(super) enum Step {
     /// A request of this many bytes was answered into the output buffer.
     Answered(usize),
     /// The head is not complete yet.
@@ -99,83 +101,10 @@ enum Step {
     Hyper,
 }
 
-/// Serves `stream` until it closes (None) or a request needs hyper (Some, with the unanswered
-/// bytes), or until `stop` is notified while no request is half-read. `timeout` bounds how long a request head (or an idle keep-alive wait) may take, and
-/// how long a client may leave its answers unread.
-pub async fn serve(
-    mut stream: TcpStream,
-    peer: IpAddr,
-    app: &App,
-    timeout: Duration,
-    head_bytes_max: usize,
-    stop: &Notify,
-) -> Option<Prefixed> {
-    let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
-    let mut out = Vec::with_capacity(READ_CHUNK_BYTES);
-    let mut head_deadline = None;
-    let mut answered: u32 = 0;
-    // Registered once per connection; the Notify is this connection's own, so waiting on it
-    // takes no lock that other connections share.
-    let stopped = stop.notified();
-    tokio::pin!(stopped);
-    // One timer per connection, moved lazily: it fires at a deadline that may since have moved
-    // on, and is then set to the current one. A request costs no timer-wheel update; the
-    // wheel sees one per `timeout` per connection.
-    let alarm = tokio::time::sleep(timeout);
-    tokio::pin!(alarm);
-    loop {
-        while !buf.is_empty() {
-            let timed = answered.is_multiple_of(LATENCY_SAMPLE_EVERY);
-            match step(app, (peer, timed), &buf, head_bytes_max, &mut out) {
-                Step::Answered(consumed) => {
-                    buf.advance(consumed);
-                    head_deadline = None;
-                    answered = answered.wrapping_add(1);
-                }
-                Step::Partial => break,
-                Step::Hyper => {
-                    if !out.is_empty() && !write_all(&mut stream, &out, timeout).await {
-                        return None;
-                    }
-                    return Some(Prefixed {
-                        prefix: buf.freeze(),
-                        stream,
-                    });
-                }
-            }
-        }
-        if !out.is_empty() {
-            if !write_all(&mut stream, &out, timeout).await {
-                return None;
-            }
-            out.clear();
-        }
-        let deadline = *head_deadline.get_or_insert_with(|| tokio::time::Instant::now() + timeout);
-        buf.reserve(READ_CHUNK_BYTES);
-        let read = loop {
-            tokio::select! {
-                biased;
-                read = stream.read_buf(&mut buf) => break read,
-                () = &mut stopped, if buf.is_empty() => return None,
-                () = &mut alarm => {
-                    if tokio::time::Instant::now() >= deadline {
-                        return None;
-                    }
-                    alarm.as_mut().reset(deadline);
-                }
-            }
-        };
-        match read {
-            Ok(0) | Err(_) => return None,
-            Ok(_) => {}
-        }
-    }
-}
-
 /// Writes `bytes`, giving a client that does not read its responses `timeout` to make room;
 /// false means the connection is done. Tries once without a timer: a response nearly always
 /// fits the socket's buffer.
-async fn write_all(stream: &mut TcpStream, bytes: &[u8], timeout: Duration) -> bool {
+pub(super) async fn write_all(stream: &mut TcpStream, bytes: &[u8], timeout: Duration) -> bool {
     let written = match stream.try_write(bytes) {
         Ok(written) => written,
         Err(error) if error.kind() == io::ErrorKind::WouldBlock => 0,
@@ -186,6 +115,15 @@ async fn write_all(stream: &mut TcpStream, bytes: &[u8], timeout: Duration) -> b
             tokio::time::timeout(timeout, stream.write_all(&bytes[written..])).await,
             Ok(Ok(()))
         )
+}
+
+/// The code a request at the start of `buf` asks for if it is a plain `GET /{code}`, found
+/// without parsing it: a hint for prefetching, [`step`] decides.
+pub(super) fn code_hint(buf: &[u8]) -> Option<&[u8]> {
+    let rest = buf.strip_prefix(b"GET /")?;
+    let rest = &rest[..rest.len().min(CODE_HINT_BYTES_MAX + 1)];
+    let end = rest.iter().position(|&byte| byte == b' ' || byte == b'?')?;
+    (end > 0).then(|| &rest[..end])
 }
 
 /// Answers the request at the start of `buf` into `out` exactly as a connection does and
@@ -200,7 +138,7 @@ pub fn answer(app: &App, peer: IpAddr, buf: &[u8], out: &mut Vec<u8>) -> Option<
 
 /// Parses the request at the start of `buf` and, if it is a plain `GET`/`HEAD /{code}`, answers
 /// it into `out`; `timed` says whether its latency goes into the histogram.
-fn step(
+pub(super) fn step(
     app: &App,
     (peer, timed): (IpAddr, bool),
     buf: &[u8],
@@ -449,6 +387,17 @@ mod tests {
         assert!(head.contains(&format!("content-length: {}", body.len())));
         let parsed: serde_json::Value = serde_json::from_str(body).expect("json");
         assert_eq!(parsed["code"], "expired");
+    }
+
+    #[test]
+    fn code_hints_come_from_plain_gets_only() {
+        assert_eq!(code_hint(b"GET /abc HTTP/1.1\r\n"), Some(&b"abc"[..]));
+        assert_eq!(code_hint(b"GET /abc?x=1 HTTP/1.1\r\n"), Some(&b"abc"[..]));
+        assert_eq!(code_hint(b"GET / HTTP/1.1\r\n"), None);
+        assert_eq!(code_hint(b"HEAD /abc HTTP/1.1\r\n"), None);
+        assert_eq!(code_hint(b"GET /abc"), None, "not known to end yet");
+        let long = [b"GET /".as_slice(), &[b'a'; 100], b" HTTP/1.1\r\n"].concat();
+        assert_eq!(code_hint(&long), None);
     }
 
     #[test]

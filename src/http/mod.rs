@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod api;
 pub mod fast;
+pub mod lean_loop;
 pub mod ratelimit;
 pub mod redirect;
 pub mod server;

@@ -15,6 +15,7 @@ use super::{error_for, App, Response};
 use crate::links::lifecycle::{self, Gone};
 use crate::links::validate;
 use crate::store::link::RedirectStatus;
+use crate::store::snapshot::Probe;
 
 pub const CACHE_CONTROL_TEMPORARY: &str = "private, max-age=0";
 
@@ -148,6 +149,21 @@ pub fn decide<R>(
             max_age_s,
         })
     })
+}
+
+/// The first of two memory hints for a redirect about to be answered: starts loading the
+/// snapshot table slot of `code`. Lets a loop over many ready requests overlap their cache
+/// misses before it answers them; [`decide`] alone decides what they get.
+pub fn prefetch_slot(app: &App, code: &[u8]) -> Option<Probe> {
+    app.store().map(|store| store.prefetch_slot(code))
+}
+
+/// The second hint, once the slot is in cache: starts loading the link's record and its click
+/// count.
+pub fn prefetch_record(app: &App, probe: Probe) {
+    if let Some(slot) = app.store().and_then(|store| store.prefetch_record(probe)) {
+        app.clicks.prefetch(slot);
+    }
 }
 
 /// The parts of a `Location`: the long URL, with the query appended (before any fragment).

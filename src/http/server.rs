@@ -19,8 +19,9 @@ use hyper::service::service_fn;
 use hyper::Request;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 
+use super::lean_loop::{HandedOver, LeanLoops, LoopOptions};
 use super::{admin, api, fast, redirect, App, Response, ServeError};
 use crate::analytics::geo::CountryResolver;
 use crate::analytics::pipeline::{AnalyticsOptions, ClickPipeline};
@@ -43,7 +44,7 @@ pub const ANALYTICS_DIR: &str = "analytics";
 /// Largest request head (request line and headers) hyper buffers; beyond it the client gets 431.
 const REQUEST_HEAD_BYTES_MAX: usize = 16 * 1024;
 const REQUEST_HEADERS_MAX: usize = 64;
-const LISTEN_BACKLOG: u32 = 1024;
+const LISTEN_BACKLOG: i32 = 1024;
 /// Pause after a failed accept (e.g. out of file descriptors) so the loop does not spin.
 const ACCEPT_ERROR_PAUSE_MS: u64 = 50;
 /// How often shutdown checks whether the last request handler has let go of the store.
@@ -69,16 +70,19 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
     runtime.block_on(serve(config))
 }
 
-fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
+fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, ServeError> {
     let bind_error = |cause| ServeError::Bind { addr, cause };
-    let socket = match addr {
-        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
-        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
-    }
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
     .map_err(bind_error)?;
-    socket.set_reuseaddr(true).map_err(bind_error)?;
-    socket.bind(addr).map_err(bind_error)?;
-    socket.listen(LISTEN_BACKLOG).map_err(bind_error)
+    socket.set_reuse_address(true).map_err(bind_error)?;
+    socket.set_nonblocking(true).map_err(bind_error)?;
+    socket.bind(&addr.into()).map_err(bind_error)?;
+    socket.listen(LISTEN_BACKLOG).map_err(bind_error)?;
+    Ok(socket.into())
 }
 
 async fn serve(mut config: ServeConfig) -> Result<(), ServeError> {
@@ -105,12 +109,21 @@ async fn serve(mut config: ServeConfig) -> Result<(), ServeError> {
     let grace = Duration::from_millis(config.timeout_shutdown_ms);
     let app = Arc::new(App::new(config, keys));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let public_task = tokio::spawn(accept_loop(
-        public,
-        app.clone(),
-        Listener::Public,
-        shutdown_rx.clone(),
-    ));
+    let public_task = if app.config.hyper_only {
+        let public = TcpListener::from_std(public).map_err(ServeError::Runtime)?;
+        tokio::spawn(accept_loop(
+            public,
+            app.clone(),
+            Listener::Public,
+            shutdown_rx.clone(),
+        ))
+    } else {
+        let open = Connections::new(app.config.connections_max);
+        let loops = LeanLoops::start(public, app.config.workers, lean_options(&app, &open))
+            .map_err(ServeError::Runtime)?;
+        tokio::spawn(lean_listener(loops, open, grace, shutdown_rx.clone()))
+    };
+    let admin = TcpListener::from_std(admin).map_err(ServeError::Runtime)?;
     let admin_task = tokio::spawn(accept_loop(
         admin,
         app.clone(),
@@ -521,12 +534,66 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
-/// The open connections of one listener, each with its own stop signal: shutdown notifies
-/// each one, and no connection ever waits on a channel or lock that all of them share.
-#[derive(Default)]
+/// The open connections of one listener: its cap, and each connection's own stop signal, so
+/// that shutdown notifies each one and no connection ever waits on a channel or lock that all
+/// of them share.
 struct Connections {
+    max: usize,
+    slots: Arc<Semaphore>,
     next_id: AtomicU64,
     stops: DashMap<u64, Arc<Notify>, ahash::RandomState>,
+}
+
+impl Connections {
+    fn new(max: usize) -> Arc<Connections> {
+        Arc::new(Connections {
+            max,
+            slots: Arc::new(Semaphore::new(max)),
+            next_id: AtomicU64::new(0),
+            stops: DashMap::default(),
+        })
+    }
+
+    /// Runs `serve` for one connection holding `permit` as a task on `runtime`, with a stop
+    /// signal registered before the task starts, so a shutdown right after still reaches it.
+    fn spawn<F, Served>(
+        self: &Arc<Self>,
+        runtime: &tokio::runtime::Handle,
+        permit: OwnedSemaphorePermit,
+        serve: F,
+    ) where
+        F: FnOnce(Arc<Notify>) -> Served,
+        Served: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let stop = Arc::new(Notify::new());
+        self.stops.insert(id, stop.clone());
+        let served = serve(stop);
+        let open = self.clone();
+        runtime.spawn(async move {
+            served.await;
+            open.stops.remove(&id);
+            drop(permit);
+        });
+    }
+
+    /// Once the listener is closed: asks every connection to stop and waits until all have, or
+    /// `grace` is over.
+    async fn close_all(&self, grace: Duration, kind: Listener) {
+        for stop in self.stops.iter() {
+            // notify_one keeps a permit when the connection is not waiting right now.
+            stop.notify_one();
+        }
+        let all = u32::try_from(self.max).unwrap_or(u32::MAX);
+        if tokio::time::timeout(grace, self.slots.acquire_many(all))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "{kind:?} listener: connections still open after the shutdown grace period"
+            );
+        }
+    }
 }
 
 async fn accept_loop(
@@ -535,12 +602,11 @@ async fn accept_loop(
     kind: Listener,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let connections_max = app.config.connections_max;
-    let slots = Arc::new(Semaphore::new(connections_max));
-    let open = Arc::new(Connections::default());
+    let open = Connections::new(app.config.connections_max);
+    let runtime = tokio::runtime::Handle::current();
     loop {
         let permit = tokio::select! {
-            permit = slots.clone().acquire_owned() => permit,
+            permit = open.slots.clone().acquire_owned() => permit,
             () = stopped(&mut shutdown) => break,
         };
         let Ok(permit) = permit else {
@@ -558,60 +624,74 @@ async fn accept_loop(
                 continue;
             }
         };
-        // Registered here, not in the task, so a shutdown right after the accept still reaches it.
-        let id = open.next_id.fetch_add(1, Ordering::Relaxed);
-        let stop = Arc::new(Notify::new());
-        open.stops.insert(id, stop.clone());
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!("set_nodelay {peer}: {error}");
+        }
         let app = app.clone();
-        let open = open.clone();
-        tokio::spawn(async move {
-            serve_connection(stream, peer, app, kind, stop).await;
-            open.stops.remove(&id);
-            drop(permit);
+        open.spawn(&runtime, permit, move |stop| async move {
+            serve_hyper(stream, peer, app, kind, &stop).await;
         });
     }
     drop(listener);
-    for stop in open.stops.iter() {
-        // notify_one keeps a permit when the connection is not waiting right now.
-        stop.notify_one();
-    }
-    let all = u32::try_from(connections_max).unwrap_or(u32::MAX);
     let grace = Duration::from_millis(app.config.timeout_shutdown_ms);
-    if tokio::time::timeout(grace, slots.acquire_many(all))
-        .await
-        .is_err()
-    {
-        tracing::warn!("{kind:?} listener: connections still open after the shutdown grace period");
+    open.close_all(grace, kind).await;
+}
+
+/// How the public listener's event loops serve, with hyper taking the connections they hand
+/// over (under the same cap, on the runtime this is called on).
+fn lean_options(app: &Arc<App>, open: &Arc<Connections>) -> LoopOptions {
+    let timeout = Duration::from_millis(app.config.timeout_header_read_ms);
+    let runtime = tokio::runtime::Handle::current();
+    let handoff_app = app.clone();
+    let handoff_open = open.clone();
+    LoopOptions {
+        app: app.clone(),
+        slots: open.slots.clone(),
+        handoff: Arc::new(move |handed: HandedOver| {
+            let HandedOver {
+                stream,
+                peer,
+                prefix,
+                unsent,
+                permit,
+            } = handed;
+            let app = handoff_app.clone();
+            handoff_open.spawn(&runtime, permit, move |stop| async move {
+                let mut stream = match TcpStream::from_std(stream) {
+                    Ok(stream) => stream,
+                    Err(error) => {
+                        tracing::warn!("cannot hand the connection of {peer} to hyper: {error}");
+                        return;
+                    }
+                };
+                if unsent.is_empty() || fast::write_all(&mut stream, &unsent, timeout).await {
+                    let io = fast::Prefixed::new(prefix, stream);
+                    serve_hyper(io, peer, app, Listener::Public, &stop).await;
+                }
+            });
+        }),
+        timeout,
+        head_bytes_max: REQUEST_HEAD_BYTES_MAX,
+        grace: Duration::from_millis(app.config.timeout_shutdown_ms),
     }
 }
 
-async fn serve_connection(
-    stream: TcpStream,
-    peer: SocketAddr,
-    app: Arc<App>,
-    kind: Listener,
-    stop: Arc<Notify>,
+/// The public listener on the lean path: its event loops serve until shutdown, then stop
+/// (finishing requests in flight), then the connections they handed to hyper are closed.
+async fn lean_listener(
+    loops: LeanLoops,
+    open: Arc<Connections>,
+    grace: Duration,
+    mut shutdown: watch::Receiver<bool>,
 ) {
-    if let Err(error) = stream.set_nodelay(true) {
-        tracing::debug!("set_nodelay {peer}: {error}");
+    stopped(&mut shutdown).await;
+    if tokio::task::spawn_blocking(move || loops.stop())
+        .await
+        .is_err()
+    {
+        tracing::error!("stopping the event loops failed");
     }
-    let timeout_header_read = Duration::from_millis(app.config.timeout_header_read_ms);
-    if kind == Listener::Public && !app.config.hyper_only {
-        let handed_over = fast::serve(
-            stream,
-            peer.ip(),
-            &app,
-            timeout_header_read,
-            REQUEST_HEAD_BYTES_MAX,
-            &stop,
-        )
-        .await;
-        if let Some(io) = handed_over {
-            serve_hyper(io, peer, app, kind, &stop).await;
-        }
-    } else {
-        serve_hyper(stream, peer, app, kind, &stop).await;
-    }
+    open.close_all(grace, Listener::Public).await;
 }
 
 async fn serve_hyper<I>(io: I, peer: SocketAddr, app: Arc<App>, kind: Listener, stop: &Notify)

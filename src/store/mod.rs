@@ -30,7 +30,7 @@ use arc_swap::ArcSwap;
 
 use link::{Link, LinkStatus, LinkView};
 use overlay::{Overlay, ReserveError};
-use snapshot::{AddError, Snapshot, SnapshotBuilder, SnapshotError, SnapshotHeader};
+use snapshot::{AddError, Probe, Snapshot, SnapshotBuilder, SnapshotError, SnapshotHeader};
 use wal::{FsyncPolicy, WalApply, WalError, WalStats, WalWriter};
 
 pub const SNAPSHOT_FILE: &str = "snapshot.kurz";
@@ -348,6 +348,19 @@ impl Store {
             ),
             None => f(None, None),
         }
+    }
+
+    /// Starts loading, into the CPU's cache, the snapshot table slot where a lookup of `code`
+    /// begins; with [`Self::prefetch_record`] once that is in, a loop over many requests overlaps
+    /// their memory misses before it looks them up. Hints only: a snapshot swapped in between
+    /// makes them useless, never wrong.
+    pub fn prefetch_slot(&self, code: &[u8]) -> Probe {
+        self.shared.snapshot.load().prefetch_slot(code)
+    }
+
+    /// Starts loading the record the probe leads to, and returns its slot.
+    pub fn prefetch_record(&self, probe: Probe) -> Option<usize> {
+        self.shared.snapshot.load().prefetch_probed_record(probe)
     }
 
     /// The snapshot lookups currently read.

@@ -67,6 +67,9 @@ const TEXT_BYTES_MAX: u64 = 1 << TEXT_OFFSET_BITS;
 const CODE_BYTES_MAX: usize = u8::MAX as usize;
 const URL_BYTES_MAX: usize = u16::MAX as usize;
 const WRITE_BUFFER_BYTES: usize = 1 << 20;
+/// Slots a prefetch walks along a probe path before it gives up (at most 87% of the slots are
+/// taken, so nearly every path is shorter).
+const PREFETCH_PROBE_STEPS: usize = 8;
 
 const FLAG_STATUS_MASK: u8 = 0b0000_0011;
 const FLAG_REDIRECT_SHIFT: u8 = 2;
@@ -222,6 +225,13 @@ struct SnapshotBody {
 
 /// The hash that places codes in the table. Part of the file format: changing it needs a new
 /// format version. Word-at-a-time multiply-rotate with a murmur3 finaliser; codes are short.
+/// Where a lookup of a code starts in a snapshot's table (see [`Snapshot::prefetch_slot`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Probe {
+    hash: u64,
+    home: usize,
+}
+
 pub fn code_hash(code: &[u8]) -> u64 {
     const K: u64 = 0x9E37_79B9_7F4A_7C15;
     let mut hash = (code.len() as u64).wrapping_mul(K);
@@ -686,6 +696,44 @@ impl Snapshot {
         None
     }
 
+    /// Asks the CPU to start loading the table slot where a lookup of `code` begins, and says
+    /// where that is: the first of two steps that let a loop over many requests overlap their
+    /// memory misses (the second is [`Self::prefetch_probed_record`]). Only hints; a lookup
+    /// decides.
+    pub fn prefetch_slot(&self, code: &[u8]) -> Probe {
+        let body = self.body();
+        let hash = code_hash(code);
+        let home = home_slot(hash, self.slot_count);
+        if let Some(word) = body.slots.get(home) {
+            prefetch(word);
+        }
+        Probe { hash, home }
+    }
+
+    /// The second step after [`Self::prefetch_slot`], once its slot is in cache: starts loading
+    /// the record of the first slot on the probe's path whose tag matches, and returns that
+    /// slot (None when the path ends or runs long first).
+    pub fn prefetch_probed_record(&self, probe: Probe) -> Option<usize> {
+        let body = self.body();
+        let tag = hash_tag(probe.hash);
+        let mut at = probe.home;
+        for _ in 0..PREFETCH_PROBE_STEPS {
+            let word = body.slots.get(at)?.to_native();
+            if word == 0 {
+                return None;
+            }
+            if word & !TEXT_OFFSET_MASK == tag {
+                let offset = (word & TEXT_OFFSET_MASK) as usize;
+                if let Some(byte) = body.text.get(offset) {
+                    prefetch(byte);
+                }
+                return Some(at);
+            }
+            at = if at + 1 == self.slot_count { 0 } else { at + 1 };
+        }
+        None
+    }
+
     /// Asks the CPU to start loading the record in table slot `slot`, so that a later
     /// [`Self::code_at`] of it finds it in cache: a walk over many slots overlaps their memory
     /// misses instead of waiting for each in turn.
@@ -721,17 +769,17 @@ impl Snapshot {
     }
 }
 
-/// A hint to load the cache line of `byte`; it never faults and changes nothing.
-fn prefetch(byte: &u8) {
+/// A hint to load the cache line that `value` starts in; it never faults and changes nothing.
+pub fn prefetch<T>(value: &T) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: a prefetch is only a hint: it reads nothing architecturally and cannot fault, and
     // the pointer comes from a live reference.
     unsafe {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        _mm_prefetch::<_MM_HINT_T0>(std::ptr::from_ref(byte).cast::<i8>());
+        _mm_prefetch::<_MM_HINT_T0>(std::ptr::from_ref(value).cast::<i8>());
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = byte;
+    let _ = value;
 }
 
 /// Counts the records in `text` by walking it front to back: (records, live records).
