@@ -239,3 +239,99 @@ fn sigterm_closes_idle_keep_alive_connections_at_once() {
         );
     }
 }
+
+/// A server with the quick-start link `/rust` and these flags.
+fn sample_server(flags: &[&str]) -> (tempfile::TempDir, Server) {
+    let dir = data_dir();
+    std::fs::write(
+        dir.path().join("sample-links.tsv"),
+        "rust\thttps://www.rust-lang.org/\n",
+    )
+    .expect("sample");
+    let server = Server::start(dir.path(), flags);
+    (dir, server)
+}
+
+#[test]
+fn every_event_loop_serves_the_connections_dealt_to_it() {
+    let (_dir, server) = sample_server(&["--workers", "3"]);
+    // Dealt out in turn: six connections reach each of the three loops twice.
+    let mut connections: Vec<KeepAlive> =
+        (0..6).map(|_| KeepAlive::connect(server.public)).collect();
+    for round in 0..3 {
+        for (index, connection) in connections.iter_mut().enumerate() {
+            let reply = connection.request("GET", "/rust", &[]);
+            assert_eq!(reply.status, 302, "connection {index}, round {round}");
+        }
+    }
+}
+
+#[test]
+fn a_client_that_reads_its_answers_late_still_gets_every_one() {
+    let (_dir, server) = sample_server(&[]);
+    let mut probe = KeepAlive::connect(server.public);
+    let one = probe.request("GET", "/rust", &[]);
+    assert_eq!(one.status, 302);
+    // Answers to this many pipelined requests overflow the socket buffers, so the server must
+    // keep what the client has not taken and stop reading until it has; the requests also
+    // straddle the server's reads, leaving partial heads between them.
+    const REQUESTS: usize = 100_000;
+    let request = b"GET /rust HTTP/1.1\r\nHost: t\r\n\r\n";
+    let mut stream = std::net::TcpStream::connect(server.public).expect("connect");
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    let mut writer = stream.try_clone().expect("clone");
+    let sender = std::thread::spawn(move || {
+        use std::io::Write;
+        writer.write_all(&request.repeat(REQUESTS)).expect("send")
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut received = Vec::new();
+    let mut buffer = vec![0u8; 64 * 1024];
+    let status_line = b"HTTP/1.1 302 Found\r\n";
+    let mut answers = 0;
+    let mut scanned = 0;
+    while answers < REQUESTS || !received.ends_with(b"\r\n\r\n") {
+        use std::io::Read;
+        let read = stream.read(&mut buffer).expect("read answers");
+        assert!(read > 0, "closed after {answers} answers");
+        received.extend_from_slice(&buffer[..read]);
+        while let Some(at) = received[scanned..]
+            .windows(status_line.len())
+            .position(|window| window == status_line)
+        {
+            answers += 1;
+            scanned += at + status_line.len();
+        }
+    }
+    sender.join().expect("sender");
+    assert_eq!(answers, REQUESTS, "one answer per request, none twice");
+    assert_eq!(probe.request("GET", "/rust", &[]).status, 302);
+}
+
+#[test]
+fn a_request_half_sent_at_sigterm_is_still_answered() {
+    let (_dir, server) = sample_server(&[
+        "--timeout-header-read-ms",
+        "60000",
+        "--timeout-shutdown-ms",
+        "60000",
+    ]);
+    let mut connection = KeepAlive::connect(server.public);
+    assert_eq!(connection.request("GET", "/rust", &[]).status, 302);
+    connection.send(b"GET /rust HTTP/1.1\r\n");
+    let signalled = std::process::Command::new("kill")
+        .args(["-TERM", &server.pid().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(signalled.success());
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    connection.send(b"Host: t\r\n\r\n");
+    assert_eq!(connection.read_reply(false).status, 302);
+    assert!(
+        connection.closed_by_server(),
+        "closed once it is between requests"
+    );
+    assert!(server.terminate().success());
+}
