@@ -24,6 +24,9 @@
 #
 # Paired rounds: after the per-server measurements every server is still up, and each in turn
 # gets a closed-loop run of ROUND_DURATION, PAIRED_ROUNDS times (the order rotating per round).
+# The rounds also run a second kurz with click analytics off (`--no-click-analytics`; exact
+# click counts stay on), "kurz-bare": the work closest to nginx's and HAProxy's, which log
+# nothing here.
 # On a shared VM one server's figure drifts by 10-25% between its own runs minutes apart; taken
 # round by round, the ratios between servers see the same machine.
 #
@@ -44,6 +47,8 @@ HAPROXY_PORT=18082
 KURZ_PORT=18083
 KURZ_ADMIN_PORT=18084
 FLOOR_PORT=18085
+KURZ_BARE_PORT=18086
+KURZ_BARE_ADMIN_PORT=18087
 READY_TIMEOUT_S=600
 QUIET_WAIT_S=${QUIET_WAIT_S:-60}
 
@@ -518,6 +523,19 @@ run_kurz() {
     [[ $readyz == 200 ]] || note "kurz: /readyz on the admin port answered $readyz after the first redirect"
     measure kurz "$KURZ_PORT" "$pid" "$ready_s" "$pid" "-" "http://127.0.0.1:$KURZ_ADMIN_PORT/metrics"
     keep_for_rounds kurz "$KURZ_PORT" "$pid"
+    if [[ ${STARTUP_ONLY:-0} != 1 ]] && ((PAIRED_ROUNDS > 0)); then
+        # Its own copy of the imported data: a data dir serves one process at a time.
+        "$KURZ" import --data-dir "$WORK/kurz-bare-data" "$LINKS_TSV" >"$WORK/kurz-bare-import.log" 2>&1 ||
+            die "kurz import failed: $(tail -3 "$WORK/kurz-bare-import.log")"
+        start_s=$(now_s)
+        start_pinned "$WORK/kurz-bare-serve.log" "$KURZ" serve --data-dir "$WORK/kurz-bare-data" \
+            --listen "127.0.0.1:$KURZ_BARE_PORT" --admin-listen "127.0.0.1:$KURZ_BARE_ADMIN_PORT" \
+            --workers 1 --no-click-analytics
+        pid=$STARTED_PID
+        wait_for_redirect "$KURZ_BARE_PORT" "$start_s" "$pid" >/dev/null ||
+            die "kurz-bare did not serve a redirect: $(tail -3 "$WORK/kurz-bare-serve.log")"
+        keep_for_rounds kurz-bare "$KURZ_BARE_PORT" "$pid"
+    fi
 }
 
 # --- the floor ---------------------------------------------------------------------------------
@@ -581,7 +599,7 @@ runs = {}
 for line in open(sys.argv[1]):
     round_, name, per_cpu_s, other = line.rstrip("\n").split("\t")
     runs.setdefault(name, {})[int(round_)] = (float(per_cpu_s), other)
-order = ["nginx", "haproxy", "kurz", "floor"]
+order = ["nginx", "haproxy", "kurz", "kurz-bare", "floor"]
 names = sorted(runs, key=lambda name: order.index(name) if name in order else len(order))
 others = [name for name in names if name != "nginx"] if "nginx" in runs else []
 print("| round | " + " | ".join(names) + "".join(f" | {name}/nginx" for name in others) + " |")

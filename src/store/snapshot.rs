@@ -70,6 +70,9 @@ const WRITE_BUFFER_BYTES: usize = 1 << 20;
 /// Slots a prefetch walks along a probe path before it gives up (at most 87% of the slots are
 /// taken, so nearly every path is shorter).
 const PREFETCH_PROBE_STEPS: usize = 8;
+const CACHE_LINE_BYTES: usize = 64;
+/// Cache lines of a record a prefetch asks for: header, code and a URL of up to ~230 bytes.
+const RECORD_PREFETCH_LINES: usize = 4;
 
 const FLAG_STATUS_MASK: u8 = 0b0000_0011;
 const FLAG_REDIRECT_SHIFT: u8 = 2;
@@ -724,8 +727,11 @@ impl Snapshot {
             }
             if word & !TEXT_OFFSET_MASK == tag {
                 let offset = (word & TEXT_OFFSET_MASK) as usize;
-                if let Some(byte) = body.text.get(offset) {
-                    prefetch(byte);
+                // The header, the code and the start of the URL, then the rest of a typical URL.
+                for line in 0..RECORD_PREFETCH_LINES {
+                    if let Some(byte) = body.text.get(offset + line * CACHE_LINE_BYTES) {
+                        prefetch(byte);
+                    }
                 }
                 return Some(at);
             }
