@@ -1,5 +1,6 @@
 //! Redirect-path benchmarks: one request through the lean HTTP/1.1 path in-process (parse →
-//! lookup → click count → response bytes) over 1M links, cold and hot; the same over loopback
+//! lookup → click count → response bytes) over 1M links, cold and hot, and cold in batches
+//! prefetched as the event loops do; the same over loopback
 //! against the real `kurz serve` binary (one keep-alive connection, request to response); code
 //! generation per strategy; and the JSON create path over loopback (`POST /api/v1/shorten`,
 //! `--fsync never` so the disk is not what is measured).
@@ -16,7 +17,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 use kurz::auth::Keys;
 use kurz::config::{ServeArgs, ServeConfig};
-use kurz::http::{fast, App};
+use kurz::http::{fast, redirect, App};
 use kurz::links::codegen::{self, CounterCodes};
 use kurz::service::LinkService;
 use kurz::store::wal::FsyncPolicy;
@@ -28,6 +29,8 @@ use common::{synthetic_links, write_snapshot};
 
 const LINKS: usize = 1_000_000;
 const HOT_KEYS: usize = 4096;
+/// Requests in a round of the event loop (~46 ready connections per `epoll_wait` were seen).
+const BATCH: usize = 64;
 
 /// Requests back to back in one buffer, with where each one starts.
 struct Requests {
@@ -102,6 +105,28 @@ fn in_process(c: &mut Criterion) {
             })
         });
     }
+    // As the event loops answer a round of ready connections: every request's table slot
+    // first, then records and counts, then the answers.
+    let mut out = Vec::with_capacity(4096);
+    let mut index = 0;
+    let mut probes = Vec::with_capacity(BATCH);
+    group.throughput(Throughput::Elements(BATCH as u64));
+    group.bench_function("in_process_cold_batch_of_64", |b| {
+        b.iter(|| {
+            let batch = (index..index + BATCH).map(|at| cold.get(at % LINKS));
+            probes.clear();
+            probes.extend(batch.clone().map(|request| fast::prefetch(&app, request)));
+            for probe in probes.iter().flatten() {
+                redirect::prefetch_record(&app, *probe);
+            }
+            for request in batch {
+                out.clear();
+                let answered = fast::answer(&app, peer, request, &mut out);
+                assert!(answered.is_some() && out.starts_with(b"HTTP/1.1 302"));
+            }
+            index = (index + BATCH) % LINKS;
+        })
+    });
     group.finish();
 }
 

@@ -105,7 +105,8 @@ pub struct ServeArgs {
     /// interval=MS, or never [default: always].
     #[arg(long, env = "KURZ_FSYNC")]
     pub fsync: Option<String>,
-    /// Worker threads of the async runtime [default: number of CPUs].
+    /// Redirect workers: event loops of the public listener, and threads of the async runtime
+    /// that serves the API and the admin listener [default: number of CPUs].
     #[arg(long, env = "KURZ_WORKERS")]
     pub workers: Option<usize>,
     /// Redirect status of links that do not choose one: 301, 302, 307 or 308 [default: 302].
@@ -204,8 +205,9 @@ pub struct ServeArgs {
     /// countries, user agents or time series, and no per-click hand-off on the redirect path.
     #[arg(long, env = "KURZ_NO_CLICK_ANALYTICS")]
     pub no_click_analytics: bool,
-    /// Serve the public listener with hyper alone, without the lean HTTP/1.1 path that answers
-    /// plain GET/HEAD /{code} requests itself (for comparison and debugging).
+    /// Serve the public listener with hyper alone on the async runtime, without the event loops
+    /// and lean HTTP/1.1 path that answer plain GET/HEAD /{code} requests themselves (for
+    /// comparison and debugging).
     #[arg(long, env = "KURZ_HYPER_ONLY")]
     pub hyper_only: bool,
     /// Cluster mode: NATS servers (comma-separated URLs, any of the cluster's) whose JetStream

@@ -26,6 +26,7 @@ use super::App;
 use crate::decimal;
 use crate::metrics::Route;
 use crate::store::link::RedirectStatus;
+use crate::store::snapshot::Probe;
 
 /// Longest code [`code_hint`] looks for.
 const CODE_HINT_BYTES_MAX: usize = 64;
@@ -117,9 +118,16 @@ pub(super) async fn write_all(stream: &mut TcpStream, bytes: &[u8], timeout: Dur
         )
 }
 
+/// The first step of answering a batch of requests: when `buf` starts with a plain
+/// `GET /{code}`, starts loading the table slot of its code ([`redirect::prefetch_slot`]; the
+/// second step is [`redirect::prefetch_record`]). Only a hint: [`step`] decides the answer.
+pub fn prefetch(app: &App, buf: &[u8]) -> Option<Probe> {
+    code_hint(buf).and_then(|code| redirect::prefetch_slot(app, code))
+}
+
 /// The code a request at the start of `buf` asks for if it is a plain `GET /{code}`, found
-/// without parsing it: a hint for prefetching, [`step`] decides.
-pub(super) fn code_hint(buf: &[u8]) -> Option<&[u8]> {
+/// without parsing it.
+fn code_hint(buf: &[u8]) -> Option<&[u8]> {
     let rest = buf.strip_prefix(b"GET /")?;
     let rest = &rest[..rest.len().min(CODE_HINT_BYTES_MAX + 1)];
     let end = rest.iter().position(|&byte| byte == b' ' || byte == b'?')?;

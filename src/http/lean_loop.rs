@@ -401,8 +401,7 @@ impl EventLoop {
         let space = &mut self.batch_bytes[used..used + READ_BYTES];
         match read(connection, space) {
             Ok(Some(filled)) => {
-                let probe = fast::code_hint(&space[..filled])
-                    .and_then(|code| redirect::prefetch_slot(&self.options.app, code));
+                let probe = fast::prefetch(&self.options.app, &space[..filled]);
                 self.batch.push(BatchRead {
                     index,
                     start: used,
