@@ -22,6 +22,8 @@ pub mod http;
 pub mod links;
 /// The Prometheus registry.
 pub mod metrics;
+/// Cache prefetch hints for loops that overlap many lookups' memory misses.
+pub mod prefetch;
 /// The link service: the one write path of the API, over the local store or a cluster node.
 pub mod service;
 /// Link data: mapped snapshot, overlay, WAL, recovery, snapshot cycle.

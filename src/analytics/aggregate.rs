@@ -17,10 +17,11 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use hashbrown::HashTable;
 use serde::de::{MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use smallvec::SmallVec;
+
+use crate::prefetch::{prefetch, prefetch_lines};
 
 pub const HOUR_S: i64 = 3600;
 pub const DAY_S: i64 = 86_400;
@@ -660,24 +661,107 @@ struct Link {
     aggregates: LinkAggregates,
 }
 
-/// Where a link is, and the hash of its code (so that growing the table never reads a link).
-#[derive(Clone, Copy, Debug)]
-struct Slot {
-    hash: u32,
-    position: u32,
+/// Where each clicked link is, by the 32-bit hash of its code: open addressing with linear
+/// probing over 8-byte slots, each `hash << 32 | (position + 1)` (0 = empty), at most 3/4 full.
+/// A slot's address follows from the hash alone, so a batch of clicks can ask for it ahead
+/// ([`Aggregates::prefetch_slot`]), and growing the table never reads a link.
+#[derive(Debug, Default)]
+struct LinkIndex {
+    slots: Vec<u64>,
+    len: usize,
 }
 
-/// The table's hash of a [`Slot`]: the stored 32 bits spread over 64, so the table's bucket bits
-/// (low) and tag bits (high) both depend on all of them.
-fn table_hash(hash: u32) -> u64 {
-    u64::from(hash).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+/// Slots of a table's first allocation.
+const INDEX_SLOTS_MIN: usize = 1024;
+/// Slots a prefetch walks along a probe path before it gives up.
+const INDEX_PREFETCH_STEPS: usize = 8;
+
+impl LinkIndex {
+    fn home(&self, hash: u32) -> usize {
+        hash as usize & (self.slots.len() - 1)
+    }
+
+    fn next(&self, at: usize) -> usize {
+        (at + 1) & (self.slots.len() - 1)
+    }
+
+    /// The position of the link with `hash` for which `is_link` says yes.
+    fn find(&self, hash: u32, mut is_link: impl FnMut(u32) -> bool) -> Option<u32> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        let mut at = self.home(hash);
+        // At most 3/4 full: every probe reaches an empty slot.
+        loop {
+            let slot = self.slots[at];
+            if slot == 0 {
+                return None;
+            }
+            if (slot >> 32) as u32 == hash && is_link(slot as u32 - 1) {
+                return Some(slot as u32 - 1);
+            }
+            at = self.next(at);
+        }
+    }
+
+    /// Adds a link that is not in the table yet. `position` is below `u32::MAX`.
+    fn insert(&mut self, hash: u32, position: u32) {
+        if (self.len + 1) * 4 > self.slots.len() * 3 {
+            let slots = (self.slots.len() * 2).max(INDEX_SLOTS_MIN);
+            let old = std::mem::replace(&mut self.slots, vec![0; slots]);
+            for slot in old.into_iter().filter(|slot| *slot != 0) {
+                self.place(slot);
+            }
+        }
+        self.place(u64::from(hash) << 32 | u64::from(position + 1));
+        self.len += 1;
+    }
+
+    fn place(&mut self, slot: u64) {
+        let mut at = self.home((slot >> 32) as u32);
+        while self.slots[at] != 0 {
+            at = self.next(at);
+        }
+        self.slots[at] = slot;
+    }
+
+    fn prefetch_slot(&self, hash: u32) {
+        if !self.slots.is_empty() {
+            prefetch(&self.slots[self.home(hash)]);
+        }
+    }
+
+    /// The position in the first slot on `hash`'s probe path that carries it: a guess of its
+    /// link, for prefetching.
+    fn first_candidate(&self, hash: u32) -> Option<u32> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        let mut at = self.home(hash);
+        for _ in 0..INDEX_PREFETCH_STEPS {
+            let slot = self.slots[at];
+            if slot == 0 {
+                return None;
+            }
+            if (slot >> 32) as u32 == hash {
+                return Some(slot as u32 - 1);
+            }
+            at = self.next(at);
+        }
+        None
+    }
 }
+
+/// The hash of a code in the aggregates' table, computed once for the prefetches and the
+/// [`Aggregates::apply_hashed`] that follow.
+#[derive(Clone, Copy, Debug)]
+pub struct CodeHash(u32);
 
 /// Every clicked link's aggregates by code: the links in chunks in the order they were first
-/// clicked, and a table of [`Slot`]s to find them. At most `u32::MAX` links.
+/// clicked, and a [`LinkIndex`] to find them. At most `u32::MAX - 1` links.
 #[derive(Debug, Default)]
 struct Links {
-    index: HashTable<Slot>,
+    index: LinkIndex,
     chunks: Vec<Vec<Link>>,
     len: u32,
     hasher: ahash::RandomState,
@@ -699,11 +783,9 @@ impl Links {
     }
 
     fn position(&self, hash: u32, code: &str) -> Option<u32> {
-        self.index
-            .find(table_hash(hash), |slot| {
-                slot.hash == hash && self.at(slot.position).code.as_bytes() == code.as_bytes()
-            })
-            .map(|slot| slot.position)
+        self.index.find(hash, |position| {
+            self.at(position).code.as_bytes() == code.as_bytes()
+        })
     }
 
     fn get(&self, code: &str) -> Option<&LinkAggregates> {
@@ -714,7 +796,10 @@ impl Links {
     /// The aggregates of `code`, added empty if it has none; `None` when there is no room for
     /// another link.
     fn get_or_add(&mut self, code: &str) -> Option<&mut LinkAggregates> {
-        let hash = self.hash(code);
+        self.get_or_add_hashed(code, self.hash(code))
+    }
+
+    fn get_or_add_hashed(&mut self, code: &str, hash: u32) -> Option<&mut LinkAggregates> {
         let position = match self.position(hash, code) {
             Some(position) => position,
             None => self.add(hash, code)?,
@@ -724,7 +809,8 @@ impl Links {
 
     fn add(&mut self, hash: u32, code: &str) -> Option<u32> {
         let position = self.len;
-        self.len = position.checked_add(1)?;
+        // u32::MAX itself is left out: the index stores position + 1.
+        self.len = position.checked_add(1).filter(|len| *len < u32::MAX)?;
         if (position as usize).is_multiple_of(LINKS_PER_CHUNK) {
             self.chunks.push(Vec::with_capacity(LINKS_PER_CHUNK));
         }
@@ -732,11 +818,24 @@ impl Links {
             code: Code::new(code),
             aggregates: LinkAggregates::default(),
         });
-        self.index
-            .insert_unique(table_hash(hash), Slot { hash, position }, |slot| {
-                table_hash(slot.hash)
-            });
+        self.index.insert(hash, position);
         Some(position)
+    }
+
+    /// Starts loading the link the table's slot for `hash` points to (once that slot is in
+    /// cache).
+    fn prefetch_link(&self, hash: u32) {
+        let Some(position) = self.index.first_candidate(hash) else {
+            return;
+        };
+        let position = position as usize;
+        if let Some(link) = self
+            .chunks
+            .get(position / LINKS_PER_CHUNK)
+            .and_then(|chunk| chunk.get(position % LINKS_PER_CHUNK))
+        {
+            prefetch_lines(link);
+        }
     }
 
     fn iter(&self) -> impl Iterator<Item = &Link> {
@@ -845,9 +944,30 @@ impl Aggregates {
     /// Counts `click`; a click of a new link once `u32::MAX` links have been clicked is not
     /// counted (there is no room to say which link it was).
     pub fn apply(&mut self, click: &ClassifiedClick<'_>) {
-        if let Some(link) = self.links.get_or_add(click.code) {
+        let hash = self.code_hash(click.code);
+        self.apply_hashed(click, hash);
+    }
+
+    /// [`Self::apply`] with the code's hash already computed.
+    pub fn apply_hashed(&mut self, click: &ClassifiedClick<'_>, hash: CodeHash) {
+        if let Some(link) = self.links.get_or_add_hashed(click.code, hash.0) {
             link.apply(click);
         }
+    }
+
+    pub fn code_hash(&self, code: &str) -> CodeHash {
+        CodeHash(self.links.hash(code))
+    }
+
+    /// The first of two memory hints for a batch of clicks: starts loading the table slot of
+    /// the code with `hash`. The second, [`Self::prefetch_link`], once the slot is in cache.
+    pub fn prefetch_slot(&self, hash: CodeHash) {
+        self.links.index.prefetch_slot(hash.0);
+    }
+
+    /// Starts loading the aggregates the code's table slot points to.
+    pub fn prefetch_link(&self, hash: CodeHash) {
+        self.links.prefetch_link(hash.0);
     }
 
     pub fn prune(&mut self, now_s: i64) {
@@ -871,6 +991,65 @@ impl Aggregates {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_link_index_finds_every_link_through_growth_and_shared_hashes() {
+        let mut index = LinkIndex::default();
+        // Every hash is shared by two links; the table grows several times on the way.
+        for position in 0..10_000u32 {
+            index.insert(position % 5_000, position);
+        }
+        for position in 0..10_000u32 {
+            let found = index.find(position % 5_000, |candidate| candidate == position);
+            assert_eq!(found, Some(position));
+        }
+        assert_eq!(index.find(7_777, |_| true), None, "a hash never inserted");
+        assert_eq!(
+            index.find(42, |candidate| candidate == 9_999),
+            None,
+            "a link filed under another hash"
+        );
+        assert_eq!(index.first_candidate(42), Some(42));
+        assert!(index.len * 4 <= index.slots.len() * 3, "at most 3/4 full");
+    }
+
+    /// A click of `code` at `at_s` from Firefox on Linux in Germany, no referrer.
+    fn firefox_click<'a>(
+        aggregates: &mut Aggregates,
+        code: &'a str,
+        at_s: i64,
+    ) -> ClassifiedClick<'a> {
+        ClassifiedClick {
+            code,
+            at_s,
+            referrer: aggregates.intern("direct"),
+            country: aggregates.intern("DE"),
+            browser: aggregates.intern("Firefox"),
+            os: aggregates.intern("Linux"),
+            bot: false,
+        }
+    }
+
+    #[test]
+    fn applying_with_a_hash_counts_like_applying_without() {
+        let mut by_code = Aggregates::default();
+        let mut by_hash = Aggregates::default();
+        for (index, code) in ["a", "b", "a", "c", "a"].into_iter().enumerate() {
+            let at_s = 1_800_000_000 + index as i64;
+            let click = firefox_click(&mut by_code, code, at_s);
+            by_code.apply(&click);
+            let click = firefox_click(&mut by_hash, code, at_s);
+            let hash = by_hash.code_hash(code);
+            by_hash.prefetch_slot(hash);
+            by_hash.prefetch_link(hash);
+            by_hash.apply_hashed(&click, hash);
+        }
+        let totals = |aggregates: &Aggregates| {
+            ["a", "b", "c", "d"].map(|code| aggregates.links.get(code).map(|link| link.total))
+        };
+        assert_eq!(totals(&by_code), totals(&by_hash));
+        assert!(totals(&by_hash)[0].is_some() && totals(&by_hash)[3].is_none());
+    }
 
     /// Applies a click of link "abc" from Firefox on Linux in Germany (or from Slackbot).
     fn apply(aggregates: &mut Aggregates, at_s: i64, bot: bool, referrer: &str) {

@@ -256,7 +256,7 @@ impl ClickCounters {
             .as_ref()
             .and_then(|dense| dense.cells.get(slot))
         {
-            crate::store::snapshot::prefetch(cell);
+            crate::prefetch::prefetch(cell);
         }
     }
 

@@ -47,6 +47,7 @@ use rkyv::{Archive, Serialize};
 
 use super::link::{LinkMeta, LinkStatus, LinkView, RedirectStatus};
 use crate::fsutil;
+use crate::prefetch::{prefetch, CACHE_LINE_BYTES};
 use crate::threads::PacedWriter;
 
 const MAGIC: &[u8; 8] = b"KURZSNAP";
@@ -70,7 +71,6 @@ const WRITE_BUFFER_BYTES: usize = 1 << 20;
 /// Slots a prefetch walks along a probe path before it gives up (at most 87% of the slots are
 /// taken, so nearly every path is shorter).
 const PREFETCH_PROBE_STEPS: usize = 8;
-const CACHE_LINE_BYTES: usize = 64;
 /// Cache lines of a record a prefetch asks for: header, code and a URL of up to ~230 bytes.
 const RECORD_PREFETCH_LINES: usize = 4;
 
@@ -773,19 +773,6 @@ impl Snapshot {
             .filter(|word| *word != 0)
             .filter_map(move |word| view(body, word & TEXT_OFFSET_MASK))
     }
-}
-
-/// A hint to load the cache line that `value` starts in; it never faults and changes nothing.
-pub fn prefetch<T>(value: &T) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch is only a hint: it reads nothing architecturally and cannot fault, and
-    // the pointer comes from a live reference.
-    unsafe {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        _mm_prefetch::<_MM_HINT_T0>(std::ptr::from_ref(value).cast::<i8>());
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = value;
 }
 
 /// Counts the records in `text` by walking it front to back: (records, live records).
