@@ -175,15 +175,19 @@ struct Accepting {
     paused: bool,
 }
 
+/// One open connection of a loop.
 struct Connection {
     stream: TcpStream,
     peer: SocketAddr,
-    _permit: OwnedSemaphorePermit,
+    /// Its place under the listener's connection cap, given back when it closes.
+    permit: OwnedSemaphorePermit,
     /// The start of a request whose head is not complete yet.
     partial: Vec<u8>,
     /// Answers the socket did not take yet.
     unsent: Vec<u8>,
+    /// When the tick closes it: a request head or keep-alive wait, or unsent answers, too long.
     deadline: Instant,
+    /// Requests answered so far, for sampling their latency.
     answered: u32,
     /// Registered for writability too (once a send fell short).
     writable: bool,
@@ -378,7 +382,7 @@ impl EventLoop {
         self.connections[index] = Some(Connection {
             stream,
             peer,
-            _permit: permit,
+            permit,
             partial: Vec::new(),
             unsent: Vec::new(),
             deadline: now + self.options.timeout,
@@ -516,7 +520,7 @@ impl EventLoop {
             peer: connection.peer,
             prefix,
             unsent: connection.unsent,
-            permit: connection._permit,
+            permit: connection.permit,
         });
     }
 

@@ -1,9 +1,10 @@
 //! Listeners and connections: binds the public and admin listeners, opens the store (or, in
 //! cluster mode, joins the cluster) in the background (so /healthz answers at once and /readyz
-//! says 503 until recovery is done), serves
-//! HTTP/1.1 with a header-read (and idle) timeout and a cap on open connections per listener, and
-//! shuts down gracefully on SIGTERM/SIGINT: stop accepting, let in-flight requests finish, then
-//! close the store so the WAL is flushed. Never answers a request itself beyond routing.
+//! says 503 until recovery is done), starts the public listener's event loops (`lean_loop`) and
+//! serves hyper connections (the admin listener, and whatever the loops hand over) with a
+//! header-read (and idle) timeout, under a cap on open connections per listener, and shuts down
+//! gracefully on SIGTERM/SIGINT: stop accepting, let in-flight requests finish, then close the
+//! store so the WAL is flushed. Never answers a request itself beyond routing.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
