@@ -1,8 +1,11 @@
 //! The public listener's event loops: one thread per worker, each with its own epoll instance
 //! (mio), answering `GET`/`HEAD /{code}` through the lean path ([`fast::step`]) straight from
-//! readiness events. No task, waker or timer per connection: per ready connection one `recv`
-//! into the loop's buffer, the answers into the loop's output buffer, one `send`. The first loop
-//! owns the listener and deals accepted connections out to the loops in turn.
+//! readiness events. No task, waker or timer per connection. Each round a loop first reads
+//! every ready connection (one `recv` each, into the round's batch buffer) and asks the CPU for
+//! the table slot of each one's code, then for the records and click counts those slots point
+//! to, and only then answers them (one `send` each): the cache misses of a round's lookups
+//! overlap instead of stalling one answer each. The first loop owns the listener and deals
+//! accepted connections out to the loops in turn.
 //!
 //! Owns, per connection: the bytes of a request head not yet complete, answers the client has
 //! not taken yet (it then reads nothing more from that client until they are gone), and one
