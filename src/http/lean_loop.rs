@@ -115,7 +115,7 @@ impl LeanLoops {
         let mut listener = Some(TcpListener::from_std(listener));
         let mut threads = Vec::new();
         for (index, (poll, _, _, incoming)) in loops.into_iter().enumerate() {
-            let mut lean = EventLoop::new(poll, options.clone(), stop.clone(), incoming)?;
+            let mut lean = EventLoop::new(poll, options.clone(), stop.clone(), incoming);
             if let Some(mut listener) = listener.take() {
                 lean.poll
                     .registry()
@@ -237,8 +237,8 @@ impl EventLoop {
         options: Arc<LoopOptions>,
         stop: Arc<AtomicBool>,
         incoming: Receiver<Accepted>,
-    ) -> io::Result<EventLoop> {
-        Ok(EventLoop {
+    ) -> EventLoop {
+        EventLoop {
             poll,
             options,
             stop,
@@ -251,7 +251,7 @@ impl EventLoop {
             input: vec![0; READ_BYTES].into_boxed_slice(),
             output: Vec::with_capacity(READ_BYTES),
             give_up_at: None,
-        })
+        }
     }
 
     fn run(mut self) {
