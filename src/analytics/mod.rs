@@ -1,12 +1,12 @@
 //! Click counting: an exact per-link count of redirects served and the time of the last one,
 //! which also enforces `max_clicks`. Counts live in memory, in two places that add up:
 //! - dense counts, an array by table slot of the snapshot lookups read (one array access per
-//!   click, no hashing, no lock; untouched pages cost no memory). Uncapped links of the
-//!   snapshot count here. When the store swaps to a new snapshot, [`ClickCounters::follow`]
+//!   click, no hashing, no lock; 8 bytes a slot, untouched pages cost no memory). Uncapped
+//!   links of the snapshot count here, up to 2^31 clicks each. When the store swaps to a new snapshot, [`ClickCounters::follow`]
 //!   moves the counts to an array for the new one; until then clicks count in the keyed map;
 //! - a keyed map (a sharded map of atomics, no lock shared by all workers) for links in the
-//!   overlay, capped links (a cap's count must live in one cell to be exact) and clicks made
-//!   while the dense counts move. [`ClickCounters::follow`] folds its uncapped entries into the
+//!   overlay, capped links (a cap's count must live in one cell to be exact), clicks made
+//!   while the dense counts move and clicks past what a dense cell holds. [`ClickCounters::follow`] folds its uncapped entries into the
 //!   dense counts.
 //!
 //! Counts reach the data dir in two files: every checkpoint interval (default 1 s) the counts
@@ -27,7 +27,7 @@ use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -73,12 +73,70 @@ struct ClickCell {
     capped: AtomicBool,
 }
 
-/// One link's counters in the dense counts.
+/// One link's counters in the dense counts: 8 bytes, so that a million slots cost 8 MB once
+/// clicks touched every page.
 #[derive(Debug)]
 struct DenseCell {
-    clicks: AtomicU64,
-    /// Unix seconds; 0 = never.
-    last_clicked_at_s: AtomicI64,
+    /// At most [`DENSE_CLICKS_MAX`] (plus one click per racing thread); clicks past it count in
+    /// the keyed map, which adds up with this.
+    clicks: AtomicU32,
+    /// Unix seconds (a u32 reaches 2106); 0 = never.
+    last_clicked_at_s: AtomicU32,
+}
+
+/// The count past which a dense cell takes no more clicks: far enough below `u32::MAX` that
+/// the clicks of threads racing past the check can never wrap it.
+const DENSE_CLICKS_MAX: u32 = 1 << 31;
+
+impl DenseCell {
+    /// Counts one click unless the cell is full; whether it did.
+    fn count(&self, now_s: i64) -> bool {
+        if self.clicks.load(Ordering::Relaxed) >= DENSE_CLICKS_MAX {
+            return false;
+        }
+        self.clicks.fetch_add(1, Ordering::SeqCst);
+        self.raise_last_clicked(now_s);
+        true
+    }
+
+    /// Adds `stats` unless the count would pass [`DENSE_CLICKS_MAX`]; whether it did.
+    fn add(&self, stats: ClickStats) -> bool {
+        let added = self
+            .clicks
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |clicks| {
+                u32::try_from(stats.clicks)
+                    .ok()
+                    .and_then(|more| clicks.checked_add(more))
+                    .filter(|total| *total <= DENSE_CLICKS_MAX)
+            });
+        if added.is_ok() {
+            self.raise_last_clicked(stats.last_clicked_at_s.unwrap_or(0));
+        }
+        added.is_ok()
+    }
+
+    /// Empties the cell and returns what it held (restoring only, before redirects start).
+    fn take(&self) -> ClickStats {
+        let stats = self.stats();
+        self.clicks.store(0, Ordering::SeqCst);
+        self.last_clicked_at_s.store(0, Ordering::SeqCst);
+        stats
+    }
+
+    fn raise_last_clicked(&self, at_s: i64) {
+        let at_s = u32::try_from(at_s.max(0)).unwrap_or(u32::MAX);
+        if self.last_clicked_at_s.load(Ordering::Relaxed) < at_s {
+            self.last_clicked_at_s.fetch_max(at_s, Ordering::Relaxed);
+        }
+    }
+
+    fn stats(&self) -> ClickStats {
+        let last = self.last_clicked_at_s.load(Ordering::Relaxed);
+        ClickStats {
+            clicks: u64::from(self.clicks.load(Ordering::SeqCst)),
+            last_clicked_at_s: (last != 0).then_some(i64::from(last)),
+        }
+    }
 }
 
 /// The counts of one snapshot's links, by table slot.
@@ -106,16 +164,18 @@ impl DenseCounts {
         }
     }
 
-    /// Counts a click in `slot`. The count is raised before the changed bit is looked at, and
-    /// a save clears the bit before it reads the count (both sequentially consistent), so a
-    /// click a save did not see always leaves its bit set.
-    fn count(&self, slot: usize, now_s: i64) {
-        let Some(cell) = self.cells.get(slot) else {
-            return;
-        };
-        cell.clicks.fetch_add(1, Ordering::SeqCst);
-        raise(&cell.last_clicked_at_s, now_s);
-        self.mark_changed(slot);
+    /// Counts a click in `slot` unless its cell is full; whether it did. The count is raised
+    /// before the changed bit is looked at, and a save clears the bit before it reads the count
+    /// (both sequentially consistent), so a click a save did not see always leaves its bit set.
+    fn count(&self, slot: usize, now_s: i64) -> bool {
+        let counted = self
+            .cells
+            .get(slot)
+            .is_some_and(|cell| cell.count(now_s));
+        if counted {
+            self.mark_changed(slot);
+        }
+        counted
     }
 
     fn mark_changed(&self, slot: usize) {
@@ -133,9 +193,7 @@ impl DenseCounts {
     fn stats_at(&self, slot: usize) -> ClickStats {
         self.cells
             .get(slot)
-            .map_or_else(ClickStats::default, |cell| {
-                stats_of(&cell.clicks, &cell.last_clicked_at_s)
-            })
+            .map_or_else(ClickStats::default, DenseCell::stats)
     }
 
     fn stats(&self, code: &str) -> ClickStats {
@@ -143,15 +201,10 @@ impl DenseCounts {
             .map_or_else(ClickStats::default, |slot| self.stats_at(slot))
     }
 
-    /// Adds `stats` to the count in `slot` (moving counts in; no redirect counts here yet).
-    fn add(&self, slot: usize, stats: ClickStats) {
-        if let Some(cell) = self.cells.get(slot) {
-            cell.clicks.fetch_add(stats.clicks, Ordering::SeqCst);
-            raise(
-                &cell.last_clicked_at_s,
-                stats.last_clicked_at_s.unwrap_or(0),
-            );
-        }
+    /// Adds `stats` to the count in `slot` (moving counts in) unless its cell cannot hold
+    /// them; whether it did.
+    fn add(&self, slot: usize, stats: ClickStats) -> bool {
+        self.cells.get(slot).is_some_and(|cell| cell.add(stats))
     }
 }
 
@@ -233,9 +286,9 @@ impl ClickCounters {
             None => {
                 let dense = self.dense.load();
                 match (&*dense, slot) {
-                    (Some(dense), Some(slot)) if dense.snapshot.id() == slot.snapshot_id => {
-                        dense.count(slot.slot, now_s);
-                    }
+                    (Some(dense), Some(slot))
+                        if dense.snapshot.id() == slot.snapshot_id
+                            && dense.count(slot.slot, now_s) => {}
                     _ => self.record_keyed(code, now_s),
                 }
                 true
@@ -363,7 +416,7 @@ impl ClickCounters {
             if slot % (PACE_EVERY * 64) == 0 {
                 pacer.pace();
             }
-            let stats = stats_of(&cell.clicks, &cell.last_clicked_at_s);
+            let stats = cell.stats();
             if stats.clicks == 0 {
                 continue;
             }
@@ -371,9 +424,11 @@ impl ClickCounters {
                 continue;
             };
             let changed = old.changed[slot / 64].load(Ordering::SeqCst) & (1 << (slot % 64)) != 0;
-            match fresh.slot_of(code) {
+            let moved_to = fresh
+                .slot_of(code)
+                .filter(|new_slot| fresh.add(*new_slot, stats));
+            match moved_to {
                 Some(new_slot) => {
-                    fresh.add(new_slot, stats);
                     if changed {
                         fresh.mark_changed(new_slot);
                     }
@@ -412,7 +467,9 @@ impl ClickCounters {
                     return false;
                 }
                 let stats = stats_of(&cell.clicks, &cell.last_clicked_at_s);
-                dense.add(slot, stats);
+                if !dense.add(slot, stats) {
+                    return false;
+                }
                 if stats.clicks != cell.saved_clicks.load(Ordering::SeqCst) {
                     dense.mark_changed(slot);
                 }
@@ -473,20 +530,37 @@ impl ClickCounters {
                 continue;
             };
             let dense = self.dense.load();
-            match dense
+            let dense_cell = dense
                 .as_ref()
-                .and_then(|dense| Some((dense, dense.slot_of(code)?)))
-            {
-                Some((dense, slot)) => {
-                    let cell = &dense.cells[slot];
+                .and_then(|dense| dense.cells.get(dense.slot_of(code)?));
+            // A count too large for its dense cell, and every later line of its code, goes to
+            // the keyed map with what the cell held.
+            let mut total = ClickStats {
+                clicks,
+                last_clicked_at_s: Some(last_clicked_at_s),
+            };
+            let dense_clicks = u32::try_from(clicks)
+                .ok()
+                .filter(|clicks| *clicks <= DENSE_CLICKS_MAX);
+            match (dense_cell, dense_clicks) {
+                (Some(cell), Some(clicks)) if !self.keyed.contains_key(code) => {
                     cell.clicks.fetch_max(clicks, Ordering::SeqCst);
-                    raise(&cell.last_clicked_at_s, last_clicked_at_s);
+                    cell.raise_last_clicked(last_clicked_at_s);
                 }
-                None => {
+                _ => {
+                    if let Some(cell) = dense_cell {
+                        let held = cell.take();
+                        total.clicks = total.clicks.max(held.clicks);
+                        total.last_clicked_at_s =
+                            total.last_clicked_at_s.max(held.last_clicked_at_s);
+                    }
                     let cell = self.keyed.entry(code.into()).or_default();
-                    cell.clicks.fetch_max(clicks, Ordering::SeqCst);
-                    cell.saved_clicks.fetch_max(clicks, Ordering::SeqCst);
-                    raise(&cell.last_clicked_at_s, last_clicked_at_s);
+                    cell.clicks.fetch_max(total.clicks, Ordering::SeqCst);
+                    cell.saved_clicks.fetch_max(total.clicks, Ordering::SeqCst);
+                    raise(
+                        &cell.last_clicked_at_s,
+                        total.last_clicked_at_s.unwrap_or(0),
+                    );
                 }
             }
             restored += 1;
@@ -906,6 +980,52 @@ mod tests {
             "snapshot links restored to their slots"
         );
         for code in ["c0", "c1", "c2", "new"] {
+            assert_eq!(restored.stats(code), counters.stats(code), "{code}");
+        }
+    }
+
+    #[test]
+    fn counts_past_what_a_dense_cell_holds_go_on_in_the_keyed_map() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let snapshot = snapshot_of(dir.path(), "s1", &codes(3));
+        let nearly_full = u64::from(DENSE_CLICKS_MAX) - 1;
+        let huge = 5_000_000_000u64;
+        std::fs::write(
+            dir.path().join(CLICKS_FILE),
+            format!("c0\t{nearly_full}\t50\nc1\t7\t60\nc1\t{huge}\t70\nc1\t9\t80\n"),
+        )
+        .expect("write counts");
+        let (counters, _) = restored_from(dir.path(), snapshot.clone());
+        assert_eq!(counters.stats("c0").clicks, nearly_full);
+        assert_eq!(
+            counters.stats("c1"),
+            ClickStats {
+                clicks: huge,
+                last_clicked_at_s: Some(80)
+            },
+            "a count too large for its cell, and the lines after it, are kept whole"
+        );
+
+        for _ in 0..3 {
+            click(&counters, &snapshot, "c0", None);
+        }
+        click(&counters, &snapshot, "c1", None);
+        click(&counters, &snapshot, "c2", None);
+        assert_eq!(counters.stats("c0").clicks, nearly_full + 3);
+        assert_eq!(counters.stats("c1").clicks, huge + 1);
+        assert_eq!(counters.stats("c2").clicks, 1);
+        assert!(counters.keyed.contains_key("c0"), "the full cell's clicks");
+        assert!(!counters.keyed.contains_key("c2"));
+
+        let moved = snapshot_of(dir.path(), "s2", &codes(3));
+        counters.follow(moved.clone());
+        click(&counters, &moved, "c0", None);
+        assert_eq!(counters.stats("c0").clicks, nearly_full + 4);
+        assert_eq!(counters.stats("c1").clicks, huge + 1);
+
+        counters.save(dir.path()).expect("save");
+        let (restored, _) = restored_from(dir.path(), moved);
+        for code in ["c0", "c1", "c2"] {
             assert_eq!(restored.stats(code), counters.stats(code), "{code}");
         }
     }
