@@ -57,7 +57,9 @@ fn snapshot_swap_under_concurrent_lookups_and_writes() {
                 while !stop.load(Ordering::Relaxed) {
                     let code = format!("base{}", i % BASE_LINKS);
                     let expected = format!("https://example.com/{code}");
-                    if !store.lookup(&code, |found| found.is_some_and(|l| l.long_url == expected)) {
+                    if !store.lookup(&code, |found| {
+                        found.is_some_and(|l| l.long_url == *expected)
+                    }) {
                         failures.fetch_add(1, Ordering::Relaxed);
                     }
                     let recent = created.lock().expect("lock").last().cloned();

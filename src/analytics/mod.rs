@@ -168,10 +168,7 @@ impl DenseCounts {
     /// before the changed bit is looked at, and a save clears the bit before it reads the count
     /// (both sequentially consistent), so a click a save did not see always leaves its bit set.
     fn count(&self, slot: usize, now_s: i64) -> bool {
-        let counted = self
-            .cells
-            .get(slot)
-            .is_some_and(|cell| cell.count(now_s));
+        let counted = self.cells.get(slot).is_some_and(|cell| cell.count(now_s));
         if counted {
             self.mark_changed(slot);
         }
@@ -919,7 +916,7 @@ mod tests {
             builder
                 .add(crate::store::link::LinkView {
                     code,
-                    long_url: "https://example.com/",
+                    long_url: crate::store::link::LongUrl::whole("https://example.com/"),
                     meta: crate::store::link::LinkMeta::new(1),
                 })
                 .expect("add");

@@ -15,7 +15,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
 use crate::links::{codegen, validate};
-use crate::store::link::{Link, LinkMeta, LinkStatus, LinkView, RedirectStatus};
+use crate::store::link::{Link, LinkMeta, LinkStatus, LinkView, LongUrl, RedirectStatus};
 use crate::store::snapshot::{AddError, SnapshotBuilder};
 use crate::store::{SnapshotReport, Store, StoreError};
 use crate::timefmt::{now_s, parse_rfc3339, rfc3339};
@@ -246,7 +246,8 @@ pub fn import(
 #[derive(Serialize)]
 struct ExportRow<'a> {
     code: &'a str,
-    long_url: &'a str,
+    #[serde(serialize_with = "serialize_as_text")]
+    long_url: LongUrl<'a>,
     created_at: String,
     updated_at: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -258,6 +259,10 @@ struct ExportRow<'a> {
     status: &'static str,
     custom: bool,
     forward_query: bool,
+}
+
+fn serialize_as_text<S: serde::Serializer>(url: &LongUrl<'_>, out: S) -> Result<S::Ok, S::Error> {
+    out.collect_str(url)
 }
 
 pub fn status_name(status: LinkStatus) -> &'static str {

@@ -14,7 +14,7 @@ use hyper::{Method, Request, StatusCode};
 use super::{error_for, App, Response};
 use crate::links::lifecycle::{self, Gone};
 use crate::links::validate;
-use crate::store::link::RedirectStatus;
+use crate::store::link::{LongUrl, RedirectStatus};
 use crate::store::snapshot::Probe;
 
 pub const CACHE_CONTROL_TEMPORARY: &str = "private, max-age=0";
@@ -30,7 +30,7 @@ pub enum Verdict<'a> {
     Gone(Gone),
     Redirect {
         status: RedirectStatus,
-        long_url: &'a str,
+        long_url: LongUrl<'a>,
         /// The request's query, to append to `long_url` (only when the link forwards queries).
         query: Option<&'a str>,
         /// Seconds caches may keep a permanent redirect: the configured max-age, or less when
@@ -167,16 +167,18 @@ pub fn prefetch_record(app: &App, probe: Probe) {
 }
 
 /// The parts of a `Location`: the long URL, with the query appended (before any fragment).
-pub fn location_parts<'a>(long_url: &'a str, query: Option<&'a str>) -> [&'a str; 4] {
+pub fn location_parts<'a>(long_url: LongUrl<'a>, query: Option<&'a str>) -> [&'a str; 5] {
+    // A scheme prefix holds neither '?' nor '#'.
+    let [prefix, rest] = long_url.parts();
     match query {
-        None => [long_url, "", "", ""],
+        None => [prefix, rest, "", "", ""],
         Some(query) => {
-            let (base, fragment) = match long_url.find('#') {
-                Some(at) => long_url.split_at(at),
-                None => (long_url, ""),
+            let (base, fragment) = match rest.find('#') {
+                Some(at) => rest.split_at(at),
+                None => (rest, ""),
             };
             let separator = if base.contains('?') { "&" } else { "?" };
-            [base, separator, query, fragment]
+            [prefix, base, separator, query, fragment]
         }
     }
 }
@@ -265,7 +267,7 @@ mod tests {
 
     #[test]
     fn query_goes_before_the_fragment() {
-        let at = |url, query| location_parts(url, query).concat();
+        let at = |url, query| location_parts(LongUrl::whole(url), query).concat();
         assert_eq!(at("https://a.example/x", None), "https://a.example/x");
         assert_eq!(
             at("https://a.example/x", Some("q=1")),

@@ -6,11 +6,12 @@
 //! that maps one. Never deserialises links into the heap: a lookup is one hash probe into the
 //! mapped table plus one read of the link's bytes.
 //!
-//! File layout, format version 1:
+//! File layout, format version 2 (version 1 files, whose URLs are never prefixed, read the
+//! same way):
 //!
 //! ```text
 //! 0   magic "KURZSNAP"            8 bytes
-//! 8   format version (u32 LE)     = 1
+//! 8   format version (u32 LE)     = 2
 //! 12  header bytes (u32 LE)       = 64
 //! 16  covered WAL seq (u64 LE)    every WAL record with seq <= this is in the file
 //! 24  link count (u64 LE)         tombstones included
@@ -28,8 +29,11 @@
 //!   word holds the offset of the link's record in `text` (low 40 bits) and a 24-bit tag from
 //!   the code's hash (high bits), so most probes that miss never leave the table; 0 is empty.
 //! - `text`: every link as one record, back to back, starting at offset 8 (so no record sits at
-//!   offset 0): `flags u8, code_len u8, url_len u16 LE, created_at_s u32 LE, code, url`. A hit
-//!   reads one record, usually one cache line.
+//!   offset 0): `flags u8, code_len u8, url_len u16 LE, created_at_s u32 LE, code, url`. A URL
+//!   that starts with one of [`URL_PREFIXES`] is stored as one byte, 1 + the prefix's index,
+//!   and the rest (a stored URL never starts with a byte below 0x20 otherwise: URLs are
+//!   visible ASCII); `url_len` counts the stored bytes. A hit reads one record, usually one
+//!   cache line.
 //! - `extras`: the rarely used fields (expiry, click cap, update time, out-of-range creation
 //!   time) of the few links that have them, sorted by record offset for binary search.
 
@@ -45,13 +49,15 @@ use rkyv::rancor;
 use rkyv::ser::writer::IoWriter;
 use rkyv::{Archive, Serialize};
 
-use super::link::{LinkMeta, LinkStatus, LinkView, RedirectStatus};
+use super::link::{LinkMeta, LinkStatus, LinkView, LongUrl, RedirectStatus, URL_PREFIXES};
 use crate::fsutil;
 use crate::prefetch::{prefetch, CACHE_LINE_BYTES};
 use crate::threads::PacedWriter;
 
 const MAGIC: &[u8; 8] = b"KURZSNAP";
-const FORMAT_VERSION: u32 = 1;
+const FORMAT_VERSION: u32 = 2;
+/// The oldest format version this build reads.
+const FORMAT_VERSION_MIN: u32 = 1;
 /// A multiple of 16, so the archive that follows keeps the alignment of the page-aligned map.
 pub const HEADER_BYTES: usize = 64;
 /// Slots are at most this full. Linear probing over 8-byte slots stays within one or two cache
@@ -74,6 +80,10 @@ const PREFETCH_PROBE_STEPS: usize = 8;
 /// Cache lines of a record a prefetch asks for: header, code and a URL of up to ~230 bytes.
 const RECORD_PREFETCH_LINES: usize = 4;
 
+/// The stored byte that stands for `URL_PREFIXES[0]`; the others follow.
+const URL_PREFIX_BYTE_FIRST: u8 = 1;
+/// Stored URL bytes below this stand for a prefix (no URL starts with a control character).
+const URL_PREFIX_BYTE_END: u8 = URL_PREFIX_BYTE_FIRST + URL_PREFIXES.len() as u8;
 const FLAG_STATUS_MASK: u8 = 0b0000_0011;
 const FLAG_REDIRECT_SHIFT: u8 = 2;
 const FLAG_REDIRECT_MASK: u8 = 0b0001_1100;
@@ -89,7 +99,7 @@ pub enum SnapshotError {
     Io { path: PathBuf, source: io::Error },
     #[error("snapshot {path}: not a kurz snapshot (bad magic bytes)")]
     BadMagic { path: PathBuf },
-    #[error("snapshot {path}: format version {found} is not supported (this build reads {FORMAT_VERSION})")]
+    #[error("snapshot {path}: format version {found} is not supported (this build reads {FORMAT_VERSION_MIN} to {FORMAT_VERSION})")]
     UnsupportedVersion { path: PathBuf, found: u32 },
     #[error("snapshot {path}: header checksum mismatch (the header is corrupt)")]
     HeaderChecksum { path: PathBuf },
@@ -173,7 +183,7 @@ impl SnapshotHeader {
             return Err(too_short());
         }
         let version = read_u32(bytes, 8);
-        if version != FORMAT_VERSION {
+        if !(FORMAT_VERSION_MIN..=FORMAT_VERSION).contains(&version) {
             return Err(SnapshotError::UnsupportedVersion {
                 path: path.to_owned(),
                 found: version,
@@ -371,22 +381,24 @@ impl SnapshotBuilder {
     /// Adds one link. Deleted links (tombstones) keep their code but not their URL.
     pub fn add(&mut self, link: LinkView<'_>) -> Result<(), AddError> {
         let code = link.code.as_bytes();
-        let url: &[u8] = if link.meta.status == LinkStatus::Deleted {
-            &[]
+        let (url_prefix, url) = if link.meta.status == LinkStatus::Deleted {
+            (None, "")
         } else {
-            link.long_url.as_bytes()
+            link.long_url.split_prefix()
         };
+        let url_prefix_byte = url_prefix.map(|index| URL_PREFIX_BYTE_FIRST + index as u8);
+        let url_stored_bytes = url.len() + usize::from(url_prefix_byte.is_some());
         if code.is_empty() || code.len() > CODE_BYTES_MAX {
             return Err(AddError::CodeLength(code.len()));
         }
-        if url.len() > URL_BYTES_MAX {
-            return Err(AddError::UrlLength(url.len()));
+        if url_stored_bytes > URL_BYTES_MAX {
+            return Err(AddError::UrlLength(link.long_url.len()));
         }
         if self.text.is_empty() {
             self.text.resize(TEXT_START, 0);
         }
         let text_offset = self.text.len() as u64;
-        let record_bytes = (RECORD_HEADER_BYTES + code.len() + url.len()) as u64;
+        let record_bytes = (RECORD_HEADER_BYTES + code.len() + url_stored_bytes) as u64;
         if text_offset + record_bytes > TEXT_BYTES_MAX {
             return Err(AddError::TextFull);
         }
@@ -417,11 +429,12 @@ impl SnapshotBuilder {
         self.text.push(encode_flags(meta, has_extra));
         self.text.push(code.len() as u8);
         self.text
-            .extend_from_slice(&(url.len() as u16).to_le_bytes());
+            .extend_from_slice(&(url_stored_bytes as u16).to_le_bytes());
         let created_at_s = u32::try_from(meta.created_at_s).unwrap_or(0);
         self.text.extend_from_slice(&created_at_s.to_le_bytes());
         self.text.extend_from_slice(code);
-        self.text.extend_from_slice(url);
+        self.text.extend(url_prefix_byte);
+        self.text.extend_from_slice(url.as_bytes());
         if meta.status != LinkStatus::Deleted {
             self.live_count += 1;
         }
@@ -802,7 +815,7 @@ fn view(body: &ArchivedSnapshotBody, offset: u64) -> Option<LinkView<'_>> {
     let url_start = code_start + header[1] as usize;
     let url_end = url_start + u16::from_le_bytes([header[2], header[3]]) as usize;
     let code = std::str::from_utf8(text.get(code_start..url_start)?).ok()?;
-    let long_url = std::str::from_utf8(text.get(url_start..url_end)?).ok()?;
+    let long_url = decode_url(text.get(url_start..url_end)?)?;
     let created_at_s = i64::from(u32::from_le_bytes([
         header[4], header[5], header[6], header[7],
     ]));
@@ -835,6 +848,20 @@ fn view(body: &ArchivedSnapshotBody, offset: u64) -> Option<LinkView<'_>> {
         long_url,
         meta,
     })
+}
+
+/// A stored URL: the prefix its first byte names, if it names one, and the rest.
+fn decode_url(stored: &[u8]) -> Option<LongUrl<'_>> {
+    match stored.split_first() {
+        Some((&first, rest)) if first < URL_PREFIX_BYTE_END => {
+            let index = first.checked_sub(URL_PREFIX_BYTE_FIRST)?;
+            Some(LongUrl::prefixed(
+                usize::from(index),
+                std::str::from_utf8(rest).ok()?,
+            ))
+        }
+        _ => Some(LongUrl::whole(std::str::from_utf8(stored).ok()?)),
+    }
 }
 
 /// Reads only the header of a snapshot file, for `inspect` and `verify`.
@@ -920,6 +947,65 @@ mod tests {
         let found = snapshot.lookup("gone").expect("tombstone kept");
         assert_eq!(found.meta.status, LinkStatus::Deleted);
         assert_eq!(found.long_url, "");
+    }
+
+    #[test]
+    fn urls_with_and_without_a_known_prefix_read_back_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let urls = [
+            "https://www.example.com/a?b=1#c",
+            "http://www.example.net/",
+            "https://example.org/p",
+            "http://example.net/x",
+            "https://",
+            "http://wwwx.example/",
+            "ftp://example.com/f",
+        ];
+        let links: Vec<_> = urls
+            .iter()
+            .enumerate()
+            .map(|(i, url)| link(&format!("u{i}"), url))
+            .collect();
+        let path = dir.path().join("s");
+        let snapshot = build(&links, &path);
+        for link in &links {
+            let found = snapshot.lookup(&link.code).expect("found");
+            assert_eq!(found.long_url.to_string(), link.long_url);
+            assert_eq!(found.long_url, link.long_url.as_str());
+            assert_eq!(found.long_url.parts().concat(), link.long_url);
+        }
+        let raw_text: usize = links
+            .iter()
+            .map(|l| 8 + l.code.len() + l.long_url.len())
+            .sum();
+        let text_bytes = snapshot.body().text.len() - TEXT_START;
+        assert_eq!(
+            raw_text - text_bytes,
+            (12 - 1) + (11 - 1) + (8 - 1) + (7 - 1) + (8 - 1) + (7 - 1),
+            "each known prefix is stored in one byte"
+        );
+    }
+
+    #[test]
+    fn a_version_1_file_reads() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("snapshot.kurz");
+        fs::write(
+            &path,
+            include_bytes!("../../tests/fixtures/snapshot-v1.kurz"),
+        )
+        .expect("write");
+        let snapshot = Snapshot::open(&path).expect("open");
+        for (code, url) in [
+            ("www1", "https://www.example.com/a?b=1#c"),
+            ("plain1", "https://example.org/p"),
+            ("http1", "http://www.example.net/"),
+            ("http2", "http://example.net/x"),
+        ] {
+            let found = snapshot.lookup(code).expect(code);
+            assert_eq!(found.long_url.to_string(), url);
+        }
+        assert_eq!(snapshot.iter().count(), 4);
     }
 
     #[test]
