@@ -105,6 +105,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // First, before the allocations of parsing arguments fault in whole huge pages.
+    disable_transparent_huge_pages();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KURZ_LOG")
@@ -146,7 +148,6 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             Err(error) => bail!(error),
         },
         Command::Serve(args) => {
-            disable_transparent_huge_pages();
             kurz::http::server::run(kurz::config::ServeConfig::load(*args)?)?;
             Ok(ExitCode::SUCCESS)
         }

@@ -25,13 +25,16 @@ LT=$TARGET/release/loadtest
 WORK=$(mktemp -d /tmp/kurz-ab.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
 cut -f1 "$LINKS" > "$WORK/codes.txt"
-read -r -a first <<<"$A"
-"${first[0]}" import --data-dir "$WORK/data" "$LINKS" > /dev/null 2>&1
+# Each side imports its own data dir, with its own binary: the two may write different formats.
+for side in A B; do
+  read -r -a variant <<<"${!side}"
+  "${variant[0]}" import --data-dir "$WORK/data-$side" "$LINKS" > /dev/null 2>&1
+done
 for round in $(seq "$ROUNDS"); do
   for side in A B; do
     read -r -a variant <<<"${!side}"
-    rm -rf "$WORK/data/analytics" "$WORK/data"/clicks*.tsv
-    taskset -c 0 "${variant[0]}" serve --data-dir "$WORK/data" --listen 127.0.0.1:18080 \
+    rm -rf "$WORK/data-$side/analytics" "$WORK/data-$side"/clicks*.tsv
+    taskset -c 0 "${variant[0]}" serve --data-dir "$WORK/data-$side" --listen 127.0.0.1:18080 \
       --admin-listen 127.0.0.1:18081 --workers 1 "${variant[@]:1}" > "$WORK/serve.log" 2>&1 &
     pid=$!
     for _ in $(seq 100); do curl -sf localhost:18081/readyz >/dev/null && break; sleep 0.1; done
