@@ -1035,6 +1035,10 @@ mod tests {
         );
         assert!(builder.contains("a"));
         assert!(!builder.contains("b"));
+        // The longest URL the server can be configured to accept (64 KiB) fits once its scheme
+        // prefix is stored as one byte.
+        let longest = format!("https://{}", "x".repeat(64 * 1024 - "https://".len()));
+        builder.add(link("c", &longest).view()).expect("add");
     }
 
     fn corrupt_and_open(mutate: impl FnOnce(&mut Vec<u8>)) -> SnapshotError {
