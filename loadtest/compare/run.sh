@@ -277,7 +277,7 @@ measure() {
         rss=$(rss_kb "$5")
         local row=("$name" "$ready_s")
         while ((${#row[@]} < 21)); do row+=("-"); done
-        row+=("$((rss / 1024))" "$(calc "$rss * 1024 / $RAW_BYTES" 1)x" "$6" "-" "-" "$LOAD_OTHER_PCT%")
+        row+=("$((rss / 1024))" "$(calc "$rss * 1024 / $RAW_BYTES" 2)x" "$6" "-" "-" "$LOAD_OTHER_PCT%")
         (IFS=$'\t'; echo "${row[*]}") >>"$RESULTS"
         return 0
     fi
@@ -339,7 +339,7 @@ measure() {
     done
     local serving_pid=$5 rss
     rss=$(rss_kb "$serving_pid")
-    row+=("$((rss / 1024))" "$(calc "$rss * 1024 / $RAW_BYTES" 1)x" "$6" "$shed" "$errors" "$other_max%")
+    row+=("$((rss / 1024))" "$(calc "$rss * 1024 / $RAW_BYTES" 2)x" "$6" "$shed" "$errors" "$other_max%")
     (IFS=$'\t'; echo "${row[*]}") >>"$RESULTS"
 }
 
@@ -581,7 +581,7 @@ columns = [
     ("p99.9", "p999_50_us"), ("req/CPU-s", "req_per_cpu_s_50"),
     ("90% rate (achieved)", "rate90"), ("p50", "p50_90_us"), ("p99", "p99_90_us"),
     ("p99.9", "p999_90_us"), ("fixed rate (achieved)", "fixed_rate"), ("p50", "p50_fixed_us"),
-    ("p99", "p99_fixed_us"), ("p99.9", "p999_fixed_us"), ("RSS MB", "rss_mb"), ("RSS/raw", "rss_per_raw"),
+    ("p99", "p99_fixed_us"), ("p99.9", "p999_fixed_us"), ("RSS MiB", "rss_mb"), ("RSS/raw", "rss_per_raw"),
     ("reload s", "reload_s"), ("analytics shed @peak", "shed"), ("errors", "errors"),
     ("other CPU", "other_cpu"),
 ]
