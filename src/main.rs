@@ -317,8 +317,9 @@ fn verify_snapshot(path: &Path) -> anyhow::Result<ExitCode> {
     }
     let header = snapshot.header();
     println!(
-        "{}: snapshot, {} links ({} live), covers WAL seq {}, {} bytes, checksums good",
+        "{}: snapshot format {}, {} links ({} live), covers WAL seq {}, {} bytes, checksums good",
         path.display(),
+        header.format_version,
         links,
         snapshot.live_count(),
         header.covered_seq,
@@ -347,7 +348,8 @@ fn inspect(data_dir: &Path) -> anyhow::Result<ExitCode> {
     writeln!(out, "data dir        {}", data_dir.display())?;
     writeln!(
         out,
-        "snapshot        {} bytes, {} links, covers WAL seq {}, written at {}",
+        "snapshot        format {}, {} bytes, {} links, covers WAL seq {}, written at {}",
+        header.format_version,
         snapshot_bytes,
         header.link_count,
         header.covered_seq,

@@ -89,6 +89,11 @@ fn import_snapshot_reopen_finds_every_link() {
         "{}",
         text(&inspected.stdout)
     );
+    assert!(
+        text(&inspected.stdout).contains("snapshot        format 2,"),
+        "{}",
+        text(&inspected.stdout)
+    );
 }
 
 #[test]
@@ -143,7 +148,7 @@ fn verify_reports_corrupt_snapshots_and_leaves_them_alone() {
     let snapshot_arg = snapshot.to_str().expect("path");
     let good = kurz(&["verify", snapshot_arg]);
     assert!(good.status.success(), "{}", text(&good.stdout));
-    assert!(text(&good.stdout).contains("300 links"));
+    assert!(text(&good.stdout).contains("format 2, 300 links"));
 
     let original = fs::read(&snapshot).expect("read");
     for (name, corrupt) in [

@@ -141,6 +141,9 @@ pub enum AddError {
 /// What the header of a snapshot file says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SnapshotHeader {
+    /// Format 1 files are read as they are and rewritten as the current format by the next
+    /// snapshot.
+    pub format_version: u32,
     pub covered_seq: u64,
     pub link_count: u64,
     pub body_bytes: u64,
@@ -152,7 +155,7 @@ impl SnapshotHeader {
     fn encode(&self) -> [u8; HEADER_BYTES] {
         let mut bytes = [0u8; HEADER_BYTES];
         bytes[0..8].copy_from_slice(MAGIC);
-        bytes[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        bytes[8..12].copy_from_slice(&self.format_version.to_le_bytes());
         bytes[12..16].copy_from_slice(&(HEADER_BYTES as u32).to_le_bytes());
         bytes[16..24].copy_from_slice(&self.covered_seq.to_le_bytes());
         bytes[24..32].copy_from_slice(&self.link_count.to_le_bytes());
@@ -197,6 +200,7 @@ impl SnapshotHeader {
             });
         }
         Ok(SnapshotHeader {
+            format_version: version,
             covered_seq: read_u64(bytes, 16),
             link_count: read_u64(bytes, 24),
             body_bytes: read_u64(bytes, 32),
@@ -538,6 +542,7 @@ fn write_body(
             .map_err(io::Error::other)?
             .into_inner();
     let header = SnapshotHeader {
+        format_version: FORMAT_VERSION,
         covered_seq,
         link_count,
         body_bytes: checksummed.bytes,
@@ -996,6 +1001,7 @@ mod tests {
         )
         .expect("write");
         let snapshot = Snapshot::open(&path).expect("open");
+        assert_eq!(snapshot.header().format_version, 1);
         for (code, url) in [
             ("www1", "https://www.example.com/a?b=1#c"),
             ("plain1", "https://example.org/p"),
