@@ -136,6 +136,10 @@ pub enum AddError {
     UrlLength(usize),
     #[error("the snapshot's text region is full ({TEXT_BYTES_MAX} bytes)")]
     TextFull,
+    #[error(
+        "URL starts with the control byte {0:#04x}, which a snapshot reserves for scheme prefixes"
+    )]
+    UrlControlByte(u8),
 }
 
 /// What the header of a snapshot file says.
@@ -394,6 +398,12 @@ impl SnapshotBuilder {
         let url_stored_bytes = url.len() + usize::from(url_prefix_byte.is_some());
         if code.is_empty() || code.len() > CODE_BYTES_MAX {
             return Err(AddError::CodeLength(code.len()));
+        }
+        // A stored URL's first byte below 0x20 stands for a prefix; a URL kept whole must not
+        // start with one.
+        let first_byte = url.as_bytes().first().copied();
+        if let Some(first) = first_byte.filter(|first| url_prefix.is_none() && *first < b' ') {
+            return Err(AddError::UrlControlByte(first));
         }
         if url_stored_bytes > URL_BYTES_MAX {
             return Err(AddError::UrlLength(link.long_url.len()));
@@ -1041,6 +1051,10 @@ mod tests {
         );
         assert!(builder.contains("a"));
         assert!(!builder.contains("b"));
+        assert_eq!(
+            builder.add(link("d", "\u{2}https://x/").view()),
+            Err(AddError::UrlControlByte(2))
+        );
         // The longest URL the server can be configured to accept (64 KiB) fits once its scheme
         // prefix is stored as one byte.
         let longest = format!("https://{}", "x".repeat(64 * 1024 - "https://".len()));
