@@ -73,6 +73,8 @@ pub struct StoreGauges {
     pub snapshot_links: u64,
     pub snapshot_age_s: u64,
     pub snapshot_file_bytes: u64,
+    /// The snapshot file's format version (0 before the store is open).
+    pub snapshot_format: u32,
     pub wal_last_seq: u64,
     pub wal_records_total: u64,
     pub wal_batches_total: u64,

@@ -659,6 +659,7 @@ fn health_openapi_metrics_and_admin_auth() {
     assert_eq!(info.status, 200);
     let info = info.json();
     assert_eq!(info["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(info["snapshot_format"], 2);
     assert!(info["resident_bytes"]
         .as_u64()
         .is_some_and(|bytes| bytes > 0));

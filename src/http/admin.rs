@@ -91,6 +91,7 @@ fn gauges(app: &App) -> StoreGauges {
         snapshot_links: header.link_count,
         snapshot_age_s: now_ms.saturating_sub(header.written_at_ms) / 1000,
         snapshot_file_bytes: store.snapshot_file_bytes(),
+        snapshot_format: header.format_version,
         clicks_total: app.clicks.clicks_total(),
         analytics: app
             .analytics()
@@ -303,6 +304,7 @@ fn info(app: &App) -> Response {
             "snapshot_links": gauges.snapshot_links,
             "snapshot_age_s": gauges.snapshot_age_s,
             "snapshot_file_bytes": gauges.snapshot_file_bytes,
+            "snapshot_format": gauges.snapshot_format,
             "wal_seq": gauges.wal_last_seq,
             "clicks_total": gauges.clicks_total,
             "resident_bytes": resident_bytes(),
