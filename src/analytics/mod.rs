@@ -2,12 +2,13 @@
 //! which also enforces `max_clicks`. Counts live in memory, in two places that add up:
 //! - dense counts, an array by table slot of the snapshot lookups read (one array access per
 //!   click, no hashing, no lock; 8 bytes a slot, untouched pages cost no memory). Uncapped
-//!   links of the snapshot count here, up to 2^31 clicks each. When the store swaps to a new snapshot, [`ClickCounters::follow`]
-//!   moves the counts to an array for the new one; until then clicks count in the keyed map;
+//!   links of the snapshot count here, up to 2^31 clicks each. When the store swaps to a new
+//!   snapshot, [`ClickCounters::follow`] moves the counts to an array for the new one; until
+//!   then clicks count in the keyed map;
 //! - a keyed map (a sharded map of atomics, no lock shared by all workers) for links in the
 //!   overlay, capped links (a cap's count must live in one cell to be exact), clicks made
-//!   while the dense counts move and clicks past what a dense cell holds. [`ClickCounters::follow`] folds its uncapped entries into the
-//!   dense counts.
+//!   while the dense counts move and clicks past what a dense cell holds.
+//!   [`ClickCounters::follow`] folds its uncapped entries into the dense counts.
 //!
 //! Counts reach the data dir in two files: every checkpoint interval (default 1 s) the counts
 //! that changed are appended to `clicks-changes.tsv` and fsynced, so a `kill -9` loses at most
@@ -282,11 +283,14 @@ impl ClickCounters {
             Some(cap) => self.record_capped(code, cap, now_s),
             None => {
                 let dense = self.dense.load();
-                match (&*dense, slot) {
-                    (Some(dense), Some(slot))
-                        if dense.snapshot.id() == slot.snapshot_id
-                            && dense.count(slot.slot, now_s) => {}
-                    _ => self.record_keyed(code, now_s),
+                let counted_dense = match (&*dense, slot) {
+                    (Some(dense), Some(slot)) if dense.snapshot.id() == slot.snapshot_id => {
+                        dense.count(slot.slot, now_s)
+                    }
+                    _ => false,
+                };
+                if !counted_dense {
+                    self.record_keyed(code, now_s);
                 }
                 true
             }
