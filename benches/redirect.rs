@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
+use kurz::analytics::pipeline::EventBatch;
 use kurz::auth::Keys;
 use kurz::config::{ServeArgs, ServeConfig};
 use kurz::http::{fast, redirect, App};
@@ -95,11 +96,14 @@ fn in_process(c: &mut Criterion) {
         ("in_process_hot", &hot, HOT_KEYS),
     ] {
         let mut out = Vec::with_capacity(4096);
+        let mut clicks = EventBatch::default();
         let mut index = 0;
         group.bench_function(name, |b| {
             b.iter(|| {
                 out.clear();
-                let answered = fast::answer(&app, peer, requests.get(index), &mut out);
+                let answered =
+                    fast::answer(&app, peer, requests.get(index), (&mut out, &mut clicks));
+                app.hand_over_clicks(&mut clicks);
                 index = (index + 1) % count;
                 assert!(answered.is_some() && out.starts_with(b"HTTP/1.1 302"));
             })
@@ -108,22 +112,25 @@ fn in_process(c: &mut Criterion) {
     // As the event loops answer a round of ready connections: every request's table slot
     // first, then records and counts, then the answers.
     let mut out = Vec::with_capacity(4096);
+    let mut clicks = EventBatch::default();
     let mut index = 0;
     let mut probes = Vec::with_capacity(BATCH);
     group.throughput(Throughput::Elements(BATCH as u64));
     group.bench_function("in_process_cold_batch_of_64", |b| {
         b.iter(|| {
             let batch = (index..index + BATCH).map(|at| cold.get(at % LINKS));
+            let hints = redirect::Hints::new(&app);
             probes.clear();
-            probes.extend(batch.clone().map(|request| fast::prefetch(&app, request)));
+            probes.extend(batch.clone().map(|request| fast::prefetch(&hints, request)));
             for probe in probes.iter().flatten() {
-                redirect::prefetch_record(&app, *probe);
+                hints.prefetch_record(*probe);
             }
             for request in batch {
                 out.clear();
-                let answered = fast::answer(&app, peer, request, &mut out);
+                let answered = fast::answer(&app, peer, request, (&mut out, &mut clicks));
                 assert!(answered.is_some() && out.starts_with(b"HTTP/1.1 302"));
             }
+            app.hand_over_clicks(&mut clicks);
             index = (index + BATCH) % LINKS;
         })
     });

@@ -242,6 +242,21 @@ impl ClickStats {
 /// milliseconds.
 const COUNTER_SHARDS: usize = 1024;
 
+/// Memory hints for a stretch of clicks about to be recorded, pinned to the dense counts current
+/// when it was taken. Hold it briefly: [`ClickCounters::follow`] waits for it to be dropped
+/// before it moves the counts.
+pub struct CountHints(arc_swap::Guard<Option<Arc<DenseCounts>>>);
+
+impl CountHints {
+    /// Starts loading, into the CPU's cache, the count of the snapshot link in table `slot`, for
+    /// a click about to be recorded.
+    pub fn prefetch(&self, slot: usize) {
+        if let Some(cell) = self.0.as_ref().and_then(|dense| dense.cells.get(slot)) {
+            crate::prefetch::prefetch(cell);
+        }
+    }
+}
+
 /// Per-link click counters.
 pub struct ClickCounters {
     keyed: DashMap<Box<str>, ClickCell, ahash::RandomState>,
@@ -301,17 +316,10 @@ impl ClickCounters {
         served
     }
 
-    /// Starts loading, into the CPU's cache, the count of the snapshot link in table `slot`, for
-    /// a click about to be recorded. A hint only.
-    pub fn prefetch(&self, slot: usize) {
-        if let Some(cell) = self
-            .dense
-            .load()
-            .as_ref()
-            .and_then(|dense| dense.cells.get(slot))
-        {
-            crate::prefetch::prefetch(cell);
-        }
+    /// Memory hints for the clicks about to be recorded (a round of an event loop): one load of
+    /// the dense counts for all of them.
+    pub fn hints(&self) -> CountHints {
+        CountHints(self.dense.load())
     }
 
     fn record_keyed(&self, code: &str, now_s: i64) {

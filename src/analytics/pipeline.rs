@@ -315,6 +315,29 @@ impl ClickPipeline {
         }
     }
 
+    /// Adds a click to `batch`, which the caller hands over later with [`Self::record_batch`]
+    /// (one lock of its lane for many clicks); a click that cannot be encoded is dropped
+    /// (counted).
+    pub fn gather(&self, batch: &mut EventBatch, event: &ClickEvent<'_>) {
+        if !batch.push(event) {
+            self.shared.dropped_total.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Hands every click of `batch` to the aggregator without blocking or allocating, and
+    /// empties it; a full or busy lane drops them (counted).
+    pub fn record_batch(&self, batch: &mut EventBatch) {
+        if batch.events() == 0 {
+            return;
+        }
+        if !self.lanes.push_batch(batch) {
+            self.shared
+                .dropped_total
+                .fetch_add(batch.events() as u64, Ordering::Relaxed);
+        }
+        batch.clear();
+    }
+
     /// Stats of `code`; `None` when it has never been clicked.
     pub fn stats(
         &self,
@@ -897,14 +920,26 @@ mod tests {
             ..options(dir.path())
         })
         .expect("start");
+        let mut batch = EventBatch::default();
         for i in 0..5000 {
             pipeline.record(&event("c", T + i, FIREFOX, None));
+            // And as an event loop hands them over: a round of three at a time.
+            pipeline.gather(&mut batch, &event("g", T + i, FIREFOX, None));
+            if i % 3 == 2 {
+                pipeline.record_batch(&mut batch);
+                assert_eq!(batch.events(), 0);
+            }
         }
+        pipeline.record_batch(&mut batch);
+        // A code too long to encode is dropped (counted) as it is gathered.
+        let long = "c".repeat(usize::from(u16::MAX));
+        pipeline.gather(&mut batch, &event(&long, T, FIREFOX, None));
+        assert_eq!(batch.events(), 0);
         let shared = pipeline.shared.clone();
         pipeline.shutdown();
         let events = shared.events_total.load(Ordering::Relaxed);
         let dropped = shared.dropped_total.load(Ordering::Relaxed);
-        assert_eq!(events + dropped, 5000);
+        assert_eq!(events + dropped, 10_001);
     }
 
     #[test]

@@ -22,7 +22,8 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::redirect::{self, ClickContext, Verdict};
-use super::App;
+use super::{App, ClickEvents};
+use crate::analytics::pipeline::EventBatch;
 use crate::decimal;
 use crate::metrics::Route;
 use crate::store::link::RedirectStatus;
@@ -119,10 +120,11 @@ pub(super) async fn write_all(stream: &mut TcpStream, bytes: &[u8], timeout: Dur
 }
 
 /// The first step of answering a batch of requests: when `buf` starts with a plain
-/// `GET /{code}`, starts loading the table slot of its code ([`redirect::prefetch_slot`]; the
-/// second step is [`redirect::prefetch_record`]). Only a hint: [`step`] decides the answer.
-pub fn prefetch(app: &App, buf: &[u8]) -> Option<Probe> {
-    code_hint(buf).and_then(|code| redirect::prefetch_slot(app, code))
+/// `GET /{code}`, starts loading the table slot of its code ([`redirect::Hints::prefetch_slot`];
+/// the second step is [`redirect::Hints::prefetch_record`]). Only a hint: [`step`] decides the
+/// answer.
+pub fn prefetch(hints: &redirect::Hints, buf: &[u8]) -> Option<Probe> {
+    code_hint(buf).and_then(|code| hints.prefetch_slot(code))
 }
 
 /// The code a request at the start of `buf` asks for if it is a plain `GET /{code}`, found
@@ -136,22 +138,29 @@ fn code_hint(buf: &[u8]) -> Option<&[u8]> {
 
 /// Answers the request at the start of `buf` into `out` exactly as a connection does and
 /// returns its length in bytes; `None` when it is not a complete plain `GET`/`HEAD /{code}`
-/// (hyper's to answer). The redirect benchmark's way into the lean path.
-pub fn answer(app: &App, peer: IpAddr, buf: &[u8], out: &mut Vec<u8>) -> Option<usize> {
-    match step(app, (peer, true), buf, buf.len(), out) {
+/// (hyper's to answer). A click's analytics event goes into `events`, for
+/// [`App::hand_over_clicks`]. The redirect benchmark's way into the lean path.
+pub fn answer(
+    app: &App,
+    peer: IpAddr,
+    buf: &[u8],
+    (out, events): (&mut Vec<u8>, &mut EventBatch),
+) -> Option<usize> {
+    match step(app, (peer, true), buf, buf.len(), (out, events)) {
         Step::Answered(consumed) => Some(consumed),
         Step::Partial | Step::Hyper => None,
     }
 }
 
 /// Parses the request at the start of `buf` and, if it is a plain `GET`/`HEAD /{code}`, answers
-/// it into `out`; `timed` says whether its latency goes into the histogram.
+/// it into `out` and gathers its click's analytics event into `events`; `timed` says whether
+/// its latency goes into the histogram.
 pub(super) fn step(
     app: &App,
     (peer, timed): (IpAddr, bool),
     buf: &[u8],
     head_bytes_max: usize,
-    out: &mut Vec<u8>,
+    (out, events): (&mut Vec<u8>, &mut EventBatch),
 ) -> Step {
     let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
     let mut request = httparse::Request::new(&mut headers);
@@ -212,9 +221,15 @@ pub(super) fn step(
     // The one wall-clock read of the request (a coarse one): expiry, the click's time and the
     // Date header.
     let now_s = crate::timefmt::now_s_coarse();
-    let status = redirect::decide(app, head, (path, query), &click, now_s, |verdict| {
-        write_verdict(head, accepts_json, verdict, now_s, out)
-    });
+    let status = redirect::decide(
+        app,
+        head,
+        (path, query),
+        &click,
+        ClickEvents::Gathered(events),
+        now_s,
+        |verdict| write_verdict(head, accepts_json, verdict, now_s, out),
+    );
     if let Some(started) = started {
         app.metrics
             .redirect_latency(started.elapsed().as_micros() as u64);

@@ -4,8 +4,10 @@
 //! every ready connection (one `recv` each, into the round's batch buffer) and asks the CPU for
 //! the table slot of each one's code, then for the records and click counts those slots point
 //! to, and only then answers them (one `send` each): the cache misses of a round's lookups
-//! overlap instead of stalling one answer each. The first loop owns the listener and deals
-//! accepted connections out to the loops in turn.
+//! overlap instead of stalling one answer each. The analytics events of a round's clicks are
+//! gathered in a batch of the loop's and handed to the pipeline together at the end of the
+//! round. The first loop owns the listener and deals accepted connections out to the loops in
+//! turn.
 //!
 //! Owns, per connection: the bytes of a request head not yet complete, answers the client has
 //! not taken yet (it then reads nothing more from that client until they are gone), and one
@@ -31,6 +33,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::fast::{self, Step};
 use super::{redirect, App};
+use crate::analytics::pipeline::EventBatch;
 use crate::store::snapshot::Probe;
 
 const LISTENER: Token = Token(usize::MAX - 1);
@@ -227,6 +230,9 @@ struct EventLoop {
     /// The read buffer of a connection served on its own (outside a batch).
     input: Box<[u8]>,
     output: Vec<u8>,
+    /// The analytics events of the clicks answered since the last hand-over: handed to the
+    /// pipeline together, once per round (and after a connection served on its own).
+    clicks: EventBatch,
     /// Set once stopping: when the loop gives up on the connections still open.
     give_up_at: Option<Instant>,
 }
@@ -250,6 +256,7 @@ impl EventLoop {
             batch: Vec::new(),
             input: vec![0; READ_BYTES].into_boxed_slice(),
             output: Vec::with_capacity(READ_BYTES),
+            clicks: EventBatch::default(),
             give_up_at: None,
         }
     }
@@ -269,6 +276,7 @@ impl EventLoop {
             let now = Instant::now();
             // Every ready connection is read before any is answered, so that the memory misses
             // of their lookups overlap instead of each stalling its own answer.
+            let hints = redirect::Hints::new(&self.options.app);
             let mut used = 0;
             for event in events.iter() {
                 match event.token() {
@@ -276,14 +284,15 @@ impl EventLoop {
                     WAKER => self.take_incoming(now),
                     Token(index) => {
                         if used + READ_BYTES > BATCH_BYTES {
-                            self.answer_batch(now);
+                            self.answer_batch(&hints, now);
                             used = 0;
                         }
-                        used = self.read_into_batch(index, used, now);
+                        used = self.read_into_batch(&hints, index, used, now);
                     }
                 }
             }
-            self.answer_batch(now);
+            self.answer_batch(&hints, now);
+            drop(hints);
             if now >= next_tick {
                 next_tick = now + tick;
                 self.on_tick(now);
@@ -397,7 +406,13 @@ impl EventLoop {
     /// Reads what connection `index` sent into the batch at `used` and starts loading its first
     /// request's table slot; returns the batch bytes used now. A connection that owes its client
     /// answers is served on its own instead.
-    fn read_into_batch(&mut self, index: usize, used: usize, now: Instant) -> usize {
+    fn read_into_batch(
+        &mut self,
+        hints: &redirect::Hints,
+        index: usize,
+        used: usize,
+        now: Instant,
+    ) -> usize {
         let Some(Some(connection)) = self.connections.get_mut(index) else {
             return used;
         };
@@ -408,7 +423,7 @@ impl EventLoop {
         let space = &mut self.batch_bytes[used..used + READ_BYTES];
         match read(connection, space) {
             Ok(Some(filled)) => {
-                let probe = fast::prefetch(&self.options.app, &space[..filled]);
+                let probe = fast::prefetch(hints, &space[..filled]);
                 self.batch.push(BatchRead {
                     index,
                     start: used,
@@ -427,11 +442,11 @@ impl EventLoop {
 
     /// Answers the batch's reads: first starts loading each one's record and click count (their
     /// table slots are in cache by now), then answers them in turn.
-    fn answer_batch(&mut self, now: Instant) {
+    fn answer_batch(&mut self, hints: &redirect::Hints, now: Instant) {
         let mut batch = std::mem::take(&mut self.batch);
         for read in &batch {
             if let Some(probe) = read.probe {
-                redirect::prefetch_record(&self.options.app, probe);
+                hints.prefetch_record(probe);
             }
         }
         for read in batch.drain(..) {
@@ -439,7 +454,13 @@ impl EventLoop {
                 continue;
             };
             let bytes = &self.batch_bytes[read.start..read.end];
-            let mut outcome = answer(&self.options, connection, bytes, &mut self.output, now);
+            let mut outcome = answer(
+                &self.options,
+                connection,
+                bytes,
+                (&mut self.output, &mut self.clicks),
+                now,
+            );
             if matches!(outcome, Outcome::Open)
                 && read.end - read.start == READ_BYTES
                 && connection.unsent.is_empty()
@@ -448,13 +469,14 @@ impl EventLoop {
                 outcome = serve_connection(
                     &self.options,
                     connection,
-                    (&mut self.input, &mut self.output),
+                    (&mut self.input, &mut self.output, &mut self.clicks),
                     now,
                 );
             }
             self.settle(read.index, outcome);
         }
         self.batch = batch;
+        self.options.app.hand_over_clicks(&mut self.clicks);
     }
 
     /// Serves connection `index` on its own: what it owes first, then every request it sent.
@@ -465,10 +487,11 @@ impl EventLoop {
         let outcome = serve_connection(
             &self.options,
             connection,
-            (&mut self.input, &mut self.output),
+            (&mut self.input, &mut self.output, &mut self.clicks),
             now,
         );
         self.settle(index, outcome);
+        self.options.app.hand_over_clicks(&mut self.clicks);
     }
 
     /// Acts on what serving connection `index` left it in.
@@ -590,12 +613,13 @@ fn read(connection: &mut Connection, space: &mut [u8]) -> io::Result<Option<usiz
 }
 
 /// Answers the requests in `bytes` (what `connection` sent) into `output` and sends the
-/// answers; keeps an incomplete last head for the next read.
+/// answers, gathering their clicks' analytics events into `clicks`; keeps an incomplete last
+/// head for the next read.
 fn answer(
     options: &LoopOptions,
     connection: &mut Connection,
     bytes: &[u8],
-    output: &mut Vec<u8>,
+    (output, clicks): (&mut Vec<u8>, &mut EventBatch),
     now: Instant,
 ) -> Outcome {
     let mut at = 0;
@@ -607,7 +631,7 @@ fn answer(
             peer,
             &bytes[at..],
             options.head_bytes_max,
-            output,
+            (output, clicks),
         ) {
             Step::Answered(consumed) => {
                 at += consumed;
@@ -643,7 +667,7 @@ fn answer(
 fn serve_connection(
     options: &LoopOptions,
     connection: &mut Connection,
-    (input, output): (&mut [u8], &mut Vec<u8>),
+    (input, output, clicks): (&mut [u8], &mut Vec<u8>, &mut EventBatch),
     now: Instant,
 ) -> Outcome {
     if !connection.unsent.is_empty() {
@@ -665,7 +689,7 @@ fn serve_connection(
             Ok(None) => return Outcome::Open,
             Err(_) => return Outcome::Close,
         };
-        let outcome = answer(options, connection, &input[..filled], output, now);
+        let outcome = answer(options, connection, &input[..filled], (output, clicks), now);
         // A read that did not fill the buffer emptied the socket; a full one may have left more.
         if !matches!(outcome, Outcome::Open)
             || !connection.unsent.is_empty()

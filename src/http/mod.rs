@@ -19,7 +19,7 @@ use http_body_util::Full;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::StatusCode;
 
-use crate::analytics::pipeline::{ClickEvent, ClickPipeline};
+use crate::analytics::pipeline::{ClickEvent, ClickPipeline, EventBatch};
 use crate::analytics::{ClickCounters, ClickStats};
 use crate::auth::{AuthError, Keys};
 use crate::cluster::{ClusterError, Readiness};
@@ -164,10 +164,16 @@ impl App {
         (self.links.into_inner(), self.analytics.into_inner())
     }
 
-    /// Hands a served click to the analytics pipeline without blocking (a no-op until it runs).
-    /// The pipeline keeps at most [`HEADER_BYTES_MAX`](crate::analytics::pipeline::HEADER_BYTES_MAX)
-    /// bytes of each header.
-    pub fn record_click(&self, code: &str, now_s: i64, click: &redirect::ClickContext<'_>) {
+    /// Hands a served click to the analytics pipeline without blocking (a no-op until it runs),
+    /// or gathers it into the caller's batch (see [`ClickEvents`]). The pipeline keeps at most
+    /// [`HEADER_BYTES_MAX`](crate::analytics::pipeline::HEADER_BYTES_MAX) bytes of each header.
+    pub fn record_click(
+        &self,
+        code: &str,
+        now_s: i64,
+        click: &redirect::ClickContext<'_>,
+        events: ClickEvents<'_>,
+    ) {
         if let Some(links) = self.links.get() {
             links.record_click(code);
         }
@@ -179,7 +185,7 @@ impl App {
             .filter(|value| value.len() <= FORWARDED_FOR_BYTES_MAX)
             .and_then(|value| std::str::from_utf8(value).ok())
             .unwrap_or("");
-        pipeline.record(&ClickEvent {
+        let event = ClickEvent {
             code,
             at_s: now_s,
             referer: click.referer,
@@ -188,8 +194,28 @@ impl App {
                 .peer
                 .map(|peer| client_ip(&self.config.trusted_proxies, forwarded_for, peer)),
             country_header: click.country,
-        });
+        };
+        match events {
+            ClickEvents::Direct => pipeline.record(&event),
+            ClickEvents::Gathered(batch) => pipeline.gather(batch, &event),
+        }
     }
+
+    /// Hands the clicks gathered in `batch` to the analytics pipeline and empties it.
+    pub fn hand_over_clicks(&self, batch: &mut EventBatch) {
+        if let Some(pipeline) = self.analytics.get() {
+            pipeline.record_batch(batch);
+        }
+    }
+}
+
+/// Where the analytics event of a served click goes.
+pub enum ClickEvents<'a> {
+    /// To the pipeline at once: one lock of the thread's lane per click.
+    Direct,
+    /// Into the caller's batch, which it hands over with [`App::hand_over_clicks`] once it has
+    /// answered a round of requests: one lock per round.
+    Gathered(&'a mut EventBatch),
 }
 
 /// Longest X-Forwarded-For worth reading; a longer one is ignored.

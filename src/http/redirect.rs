@@ -11,11 +11,13 @@ use http_body_util::Full;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, StatusCode};
 
-use super::{error_for, App, Response};
+use super::{error_for, App, ClickEvents, Response};
+use crate::analytics::CountHints;
 use crate::links::lifecycle::{self, Gone};
 use crate::links::validate;
 use crate::store::link::{LongUrl, RedirectStatus};
 use crate::store::snapshot::Probe;
+use crate::store::{LookupHints, Store};
 
 pub const CACHE_CONTROL_TEMPORARY: &str = "private, max-age=0";
 
@@ -89,12 +91,14 @@ impl<'a> ClickContext<'a> {
 
 /// Decides what `path` (with `query`) answers at `now_s` (unix seconds) and hands the verdict
 /// to `render` while the link is borrowed from the store, so the target is never copied on the
-/// way. A GET counts a click (and is refused once a click cap is reached); a HEAD only looks.
+/// way. A GET counts a click (and is refused once a click cap is reached) and hands its event
+/// to `events`; a HEAD only looks.
 pub fn decide<R>(
     app: &App,
     head: bool,
     (path, query): (&str, Option<&str>),
     click: &ClickContext<'_>,
+    events: ClickEvents<'_>,
     now_s: i64,
     render: impl FnOnce(Verdict<'_>) -> R,
 ) -> R {
@@ -127,7 +131,7 @@ pub fn decide<R>(
             return render(Verdict::Gone(Gone::ClickCapReached));
         }
         if !head {
-            app.record_click(code, now_s, click);
+            app.record_click(code, now_s, click, events);
         }
         let status = link
             .meta
@@ -151,18 +155,38 @@ pub fn decide<R>(
     })
 }
 
-/// The first of two memory hints for a redirect about to be answered: starts loading the
-/// snapshot table slot of `code`. Lets a loop over many ready requests overlap their cache
-/// misses before it answers them; [`decide`] alone decides what they get.
-pub fn prefetch_slot(app: &App, code: &[u8]) -> Option<Probe> {
-    app.store().map(|store| store.prefetch_slot(code))
+/// Memory hints for a round of redirects about to be answered, taken once per round: lets a
+/// loop over many ready requests overlap their cache misses before it answers them. Hints
+/// only: [`decide`] alone decides what they get. Drop it at the end of the round.
+pub struct Hints {
+    lookups: Option<LookupHints>,
+    counts: CountHints,
 }
 
-/// The second hint, once the slot is in cache: starts loading the link's record and its click
-/// count.
-pub fn prefetch_record(app: &App, probe: Probe) {
-    if let Some(slot) = app.store().and_then(|store| store.prefetch_record(probe)) {
-        app.clicks.prefetch(slot);
+impl Hints {
+    pub fn new(app: &App) -> Hints {
+        Hints {
+            lookups: app.store().map(Store::lookup_hints),
+            counts: app.clicks.hints(),
+        }
+    }
+
+    /// The first of two hints for a redirect: starts loading the snapshot table slot of
+    /// `code`.
+    pub fn prefetch_slot(&self, code: &[u8]) -> Option<Probe> {
+        Some(self.lookups.as_ref()?.prefetch_slot(code))
+    }
+
+    /// The second, once the slot is in cache: starts loading the link's record and its click
+    /// count.
+    pub fn prefetch_record(&self, probe: Probe) {
+        if let Some(slot) = self
+            .lookups
+            .as_ref()
+            .and_then(|lookups| lookups.prefetch_record(probe))
+        {
+            self.counts.prefetch(slot);
+        }
     }
 }
 
@@ -209,6 +233,7 @@ pub fn handle<B>(app: &App, request: &Request<B>, peer: IpAddr) -> Response {
             head,
             (request.uri().path(), request.uri().query()),
             &ClickContext::of(app, headers, peer),
+            ClickEvents::Direct,
             super::now_s(),
             |verdict| render(app, headers, verdict),
         )

@@ -63,6 +63,26 @@ pub enum StoreError {
     SnapshotInProgress,
 }
 
+/// Memory hints for a stretch of lookups about to be made, pinned to the snapshot lookups read
+/// when it was taken. Hints only: a snapshot swapped in meanwhile makes them useless, never
+/// wrong, as every lookup reads the current snapshot itself. Hold it briefly (it keeps its
+/// snapshot mapped).
+pub struct LookupHints(arc_swap::Guard<Arc<Snapshot>>);
+
+impl LookupHints {
+    /// Starts loading, into the CPU's cache, the table slot where a lookup of `code` begins;
+    /// with [`Self::prefetch_record`] once that is in, a loop over many requests overlaps their
+    /// memory misses before it looks them up.
+    pub fn prefetch_slot(&self, code: &[u8]) -> Probe {
+        self.0.prefetch_slot(code)
+    }
+
+    /// Starts loading the record the probe leads to, and returns its slot.
+    pub fn prefetch_record(&self, probe: Probe) -> Option<usize> {
+        self.0.prefetch_probed_record(probe)
+    }
+}
+
 /// Where a link found in the snapshot sits: its table slot in the snapshot with this id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SnapshotSlot {
@@ -350,17 +370,10 @@ impl Store {
         }
     }
 
-    /// Starts loading, into the CPU's cache, the snapshot table slot where a lookup of `code`
-    /// begins; with [`Self::prefetch_record`] once that is in, a loop over many requests overlaps
-    /// their memory misses before it looks them up. Hints only: a snapshot swapped in between
-    /// makes them useless, never wrong.
-    pub fn prefetch_slot(&self, code: &[u8]) -> Probe {
-        self.shared.snapshot.load().prefetch_slot(code)
-    }
-
-    /// Starts loading the record the probe leads to, and returns its slot.
-    pub fn prefetch_record(&self, probe: Probe) -> Option<usize> {
-        self.shared.snapshot.load().prefetch_probed_record(probe)
+    /// Memory hints for the lookups about to be made (a round of an event loop): one load of the
+    /// snapshot for all of them.
+    pub fn lookup_hints(&self) -> LookupHints {
+        LookupHints(self.shared.snapshot.load())
     }
 
     /// The snapshot lookups currently read.

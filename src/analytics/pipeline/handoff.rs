@@ -2,9 +2,11 @@
 //! thread appends its events, encoded as bytes, to a buffer of its own (a lane); the aggregator
 //! swaps each lane's buffer for an empty one every drain interval and reads the events back.
 //!
-//! A click costs a copy of its code and headers and one uncontended lock; it never allocates
-//! once the buffers have grown, never waits (a lane that is busy or full drops the event, and
-//! the caller counts the drop) and never touches a lock or cache line shared by all workers.
+//! A click costs a copy of its code and headers and one uncontended lock, or a share of one: an
+//! event loop gathers the events of a round in a batch of its own and hands them over together
+//! ([`Lanes::push_batch`]). It never allocates once the buffers have grown, never waits (a lane
+//! that is busy or full drops the events, and the caller counts the drop) and never touches a
+//! lock or cache line shared by all workers.
 
 use std::borrow::Cow;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -86,6 +88,12 @@ impl EventBatch {
         }
         self.events += 1;
         true
+    }
+
+    /// Appends every event of `other`.
+    fn append(&mut self, other: &EventBatch) {
+        self.bytes.extend_from_slice(&other.bytes);
+        self.events += other.events;
     }
 
     /// Events in the batch.
@@ -247,6 +255,21 @@ impl Lanes {
     /// Hands `event` over without waiting; false when it was dropped (the lanes it tried were
     /// busy, the queue is full, or its code is too long to encode).
     pub fn push(&self, event: &ClickEvent<'_>) -> bool {
+        self.push_with(1, |batch| batch.push(event))
+    }
+
+    /// Hands every event of `batch` over without waiting; false when they were all dropped (the
+    /// lanes it tried were busy or the queue has no room for all of them).
+    pub fn push_batch(&self, batch: &EventBatch) -> bool {
+        self.push_with(batch.events(), |lane_batch| {
+            lane_batch.append(batch);
+            true
+        })
+    }
+
+    /// Finds a lane that is free, with room for `events` more, and lets `append` add them to its
+    /// batch; false when none was, or `append` added nothing.
+    fn push_with(&self, events: usize, append: impl FnOnce(&mut EventBatch) -> bool) -> bool {
         let first = LANE.with(|lane| *lane);
         for attempt in 0..LANE_TRIES.min(self.lanes.len()) {
             let lane = &self.lanes[(first + attempt) % self.lanes.len()];
@@ -255,16 +278,17 @@ impl Lanes {
                 Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
                 Err(TryLockError::WouldBlock) => continue,
             };
-            if state.room == 0 {
-                state.room = self.claim();
-                if state.room == 0 {
+            while state.room < events {
+                let claimed = self.claim();
+                if claimed == 0 {
                     return false;
                 }
+                state.room += claimed;
             }
-            if !state.batch.push(event) {
+            if !append(&mut state.batch) {
                 return false;
             }
-            state.room -= 1;
+            state.room -= events;
             lane.queued.store(state.batch.events(), Ordering::Relaxed);
             return true;
         }
@@ -487,6 +511,42 @@ mod tests {
                 .map(|lane| lane.lock().room)
                 .sum::<usize>();
         assert_eq!(room, 8);
+    }
+
+    #[test]
+    fn a_batch_is_handed_over_whole_or_not_at_all() {
+        let lanes = Lanes::with_lanes(EVENTS_PER_CLAIM + 5, 2);
+        let codes: Vec<String> = (0..EVENTS_PER_CLAIM + 3).map(|i| format!("c{i}")).collect();
+        let mut batch = EventBatch::default();
+        for code in &codes {
+            assert!(batch.push(&ClickEvent {
+                code,
+                ..ClickEvent::default()
+            }));
+        }
+        // More events than one claim of room: the lane claims again.
+        assert!(lanes.push_batch(&batch));
+        assert_eq!(lanes.queued(), codes.len() as u64);
+        // Two places left: a batch of three is dropped whole, and takes none of them.
+        let mut three = EventBatch::default();
+        for code in ["x", "y", "z"] {
+            assert!(three.push(&ClickEvent {
+                code,
+                ..ClickEvent::default()
+            }));
+        }
+        assert!(!lanes.push_batch(&three));
+        let event = ClickEvent {
+            code: "one",
+            ..ClickEvent::default()
+        };
+        assert!(lanes.push(&event) && lanes.push(&event) && !lanes.push(&event));
+        let mut spare = EventBatch::default();
+        let index = LANE.with(|lane| *lane) % lanes.len();
+        lanes.take(index, &mut spare);
+        let taken: Vec<String> = spare.iter().map(|e| e.code.into_owned()).collect();
+        assert_eq!(taken[..codes.len()], codes[..]);
+        assert_eq!(taken[codes.len()..], ["one", "one"]);
     }
 
     #[test]
