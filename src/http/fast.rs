@@ -9,6 +9,7 @@
 
 use std::cell::RefCell;
 use std::io;
+use std::mem::MaybeUninit;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -162,9 +163,10 @@ pub(super) fn step(
     head_bytes_max: usize,
     (out, events): (&mut Vec<u8>, &mut EventBatch),
 ) -> Step {
-    let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
-    let mut request = httparse::Request::new(&mut headers);
-    let consumed = match request.parse(buf) {
+    // Left uninitialised: httparse writes the headers it finds and hands back only those.
+    let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; HEADERS_MAX];
+    let mut request = httparse::Request::new(&mut []);
+    let consumed = match request.parse_with_uninit_headers(buf, &mut headers) {
         Ok(httparse::Status::Complete(consumed)) => consumed,
         Ok(httparse::Status::Partial) if buf.len() <= head_bytes_max => return Step::Partial,
         Ok(httparse::Status::Partial) | Err(_) => return Step::Hyper,
