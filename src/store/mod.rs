@@ -562,6 +562,7 @@ impl Store {
         for (link, seq) in &overlay_links {
             self.shared.overlay.forget_if_committed_at(&link.code, *seq);
         }
+        self.shared.overlay.rebuild_filter();
         Ok((header, overlay_links.len()))
     }
 

@@ -5,6 +5,13 @@
 //! (atomically, so two creates can never both win a code), then the WAL writer commits it or
 //! rolls it back. Never touches a file, and never blocks a lookup for longer than one shard's
 //! read lock.
+//!
+//! Most lookups are of codes the overlay does not hold: a filter of the codes written since it
+//! was last rebuilt ([`WrittenFilter`], a bit per hash bucket) lets them skip the map, its
+//! shard lock and its probe.
+
+use std::sync::atomic::{fence, AtomicU64, Ordering};
+use std::sync::{RwLock, RwLockReadGuard};
 
 use dashmap::mapref::entry::Entry;
 use dashmap::mapref::one::Ref;
@@ -44,14 +51,100 @@ pub enum ReserveError {
     Taken,
 }
 
+/// Bits of each [`WrittenFilter`] set: 128 KiB, a few dozen pages a lookup may touch. A million
+/// codes written since the last rebuild still leave a third of the bits clear.
+const FILTER_BITS: usize = 1 << 20;
+
+/// Which codes may have an entry that lookups see: the bit of a code's hash bucket is set before
+/// such an entry goes into the map, and is cleared only by a rebuild from the map. A clear bit
+/// means the map holds nothing visible for the code; a set bit means it may.
+///
+/// A rebuild fills the set lookups do not read, from the map, while commits wait (`gate`), then
+/// makes it the one they read; commits set their bit in both sets. `generation` is odd while a
+/// rebuild runs, and names the set lookups read otherwise; a lookup that saw it change while it
+/// read a bit asks the map (a seqlock).
+struct WrittenFilter {
+    sets: [Box<[AtomicU64]>; 2],
+    generation: AtomicU64,
+    gate: RwLock<()>,
+}
+
+impl WrittenFilter {
+    fn new() -> WrittenFilter {
+        let set = || (0..FILTER_BITS / 64).map(|_| AtomicU64::new(0)).collect();
+        WrittenFilter {
+            sets: [set(), set()],
+            generation: AtomicU64::new(0),
+            gate: RwLock::new(()),
+        }
+    }
+
+    fn position(hash: u64) -> (usize, u64) {
+        let bit = (hash as usize) % FILTER_BITS;
+        (bit / 64, 1 << (bit % 64))
+    }
+
+    /// Whether the map may hold a visible entry for the code with `hash`.
+    fn may_hold(&self, hash: u64) -> bool {
+        let generation = self.generation.load(Ordering::Acquire);
+        if generation % 2 == 1 {
+            return true;
+        }
+        let (word, mask) = Self::position(hash);
+        let set = &self.sets[(generation / 2 % 2) as usize];
+        let held = set[word].load(Ordering::Relaxed) & mask != 0;
+        // Pairs with the rebuild's release fence: a bit cleared by a rebuild that started after
+        // the first read shows as a changed generation here.
+        fence(Ordering::Acquire);
+        held || self.generation.load(Ordering::Relaxed) != generation
+    }
+
+    /// Marks the code with `hash` as written, in both sets; the caller inserts its entry while
+    /// holding the returned guard, so that no rebuild runs in between.
+    fn mark(&self, hash: u64) -> RwLockReadGuard<'_, ()> {
+        // A panic under the gate leaves the bits supersets of the map, as they always are.
+        let gate = self
+            .gate
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (word, mask) = Self::position(hash);
+        for set in &self.sets {
+            set[word].fetch_or(mask, Ordering::Release);
+        }
+        gate
+    }
+
+    /// Refills the set lookups do not read with the hashes `held` yields (every visible entry
+    /// of the map, read while commits wait) and makes it the one they read.
+    fn rebuild(&self, held: impl FnOnce(&dyn Fn(u64))) {
+        let _gate = self
+            .gate
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed);
+        fence(Ordering::Release);
+        let next = &self.sets[(generation / 2 % 2 + 1) as usize % 2];
+        for word in next.iter() {
+            word.store(0, Ordering::Relaxed);
+        }
+        held(&|hash| {
+            let (word, mask) = Self::position(hash);
+            next[word].fetch_or(mask, Ordering::Relaxed);
+        });
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+}
+
 pub struct Overlay {
     map: DashMap<Box<str>, OverlayEntry, ahash::RandomState>,
+    written: WrittenFilter,
 }
 
 impl Default for Overlay {
     fn default() -> Self {
         Overlay {
             map: DashMap::with_hasher(ahash::RandomState::new()),
+            written: WrittenFilter::new(),
         }
     }
 }
@@ -66,9 +159,30 @@ impl Overlay {
         self.map.is_empty()
     }
 
-    /// The entry for `code`, held under that shard's read lock while the guard lives.
+    /// The entry for `code`, held under that shard's read lock while the guard lives; None
+    /// without touching the map when the code was not written since the filter's last rebuild.
+    /// An entry lookups cannot see yet (a pending create) may be missing too.
     pub fn get(&self, code: &str) -> Option<Ref<'_, Box<str>, OverlayEntry>> {
+        if !self.written.may_hold(self.hash(code)) {
+            return None;
+        }
         self.map.get(code)
+    }
+
+    fn hash(&self, code: &str) -> u64 {
+        self.map.hasher().hash_one(code)
+    }
+
+    /// Rebuilds the filter of written codes from the map, forgetting the codes whose entries
+    /// are gone (after a snapshot took them in). Commits wait while it runs.
+    pub fn rebuild_filter(&self) {
+        self.written.rebuild(|hold| {
+            for entry in self.map.iter() {
+                if entry.value().visible().is_some() {
+                    hold(self.hash(entry.key()));
+                }
+            }
+        });
     }
 
     /// Reserves `code` for a create. `exists_below` is asked, under the shard's write lock, whether
@@ -131,6 +245,7 @@ impl Overlay {
     /// in the overlay, if the overlay held one.
     pub fn commit(&self, seq: u64, link: Link) -> Option<Link> {
         let key: Box<str> = link.code.as_str().into();
+        let _marked = self.written.mark(self.hash(&key));
         let previous = self.map.insert(key, OverlayEntry::Committed { link, seq });
         match previous {
             Some(OverlayEntry::Committed { link, .. })
@@ -267,6 +382,91 @@ mod tests {
         assert_eq!(url_of(&overlay, "a").as_deref(), Some("https://a6/"));
         overlay.forget_if_committed_at("a", 6);
         assert_eq!(url_of(&overlay, "a"), None);
+    }
+
+    #[test]
+    fn the_filter_lets_lookups_skip_codes_not_written_and_never_hides_one() {
+        let overlay = Overlay::default();
+        let codes: Vec<String> = (0..10_000).map(|i| format!("c{i}")).collect();
+        assert!(codes
+            .iter()
+            .all(|code| !overlay.written.may_hold(overlay.hash(code))));
+        for (seq, code) in codes.iter().enumerate() {
+            overlay.commit(seq as u64, link(code, "https://a/"));
+            assert!(overlay.written.may_hold(overlay.hash(code)));
+        }
+        // A snapshot took the first half in; the second half's first code changes meanwhile.
+        for (seq, code) in codes.iter().enumerate().take(5_000) {
+            overlay.forget_if_committed_at(code, seq as u64);
+        }
+        let changed = overlay
+            .reserve_change::<()>(&codes[5_000], || None, |_| Ok(link("x", "https://b/")))
+            .expect("reserve");
+        assert!(changed.is_ok());
+        overlay.rebuild_filter();
+        for code in &codes[5_000..] {
+            assert_eq!(
+                url_of(&overlay, code).as_deref(),
+                Some("https://a/"),
+                "{code}"
+            );
+        }
+        let skipped = codes[..5_000]
+            .iter()
+            .filter(|code| !overlay.written.may_hold(overlay.hash(code)))
+            .count();
+        // Only codes sharing a bucket with one of the 5,000 kept may still say "maybe".
+        assert!(
+            skipped > 4_900,
+            "{skipped} of 5000 forgotten codes skip the map"
+        );
+        for code in &codes[5_000..] {
+            overlay.forget_if_committed_at(code, 0);
+            overlay.roll_back(code);
+        }
+        for (seq, code) in codes.iter().enumerate().skip(5_000) {
+            overlay.forget_if_committed_at(code, seq as u64);
+        }
+        overlay.rebuild_filter();
+        assert!(overlay.is_empty());
+        assert!(codes
+            .iter()
+            .all(|code| !overlay.written.may_hold(overlay.hash(code))));
+    }
+
+    #[test]
+    fn a_commit_is_seen_by_every_later_lookup_while_the_filter_is_rebuilt() {
+        let overlay = Overlay::default();
+        let committed = AtomicUsize::new(0);
+        let done = std::sync::atomic::AtomicBool::new(false);
+        const CODES: usize = 20_000;
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                while !done.load(Ordering::Acquire) {
+                    overlay.rebuild_filter();
+                }
+            });
+            for reader in 0..2 {
+                let (overlay, committed, done) = (&overlay, &committed, &done);
+                scope.spawn(move || {
+                    let mut next = reader;
+                    while !done.load(Ordering::Acquire) {
+                        let seen = committed.load(Ordering::Acquire);
+                        if seen == 0 {
+                            continue;
+                        }
+                        let code = format!("c{}", next % seen);
+                        assert!(url_of(overlay, &code).is_some(), "{code} vanished");
+                        next = next.wrapping_mul(31).wrapping_add(7);
+                    }
+                });
+            }
+            for i in 0..CODES {
+                overlay.commit(i as u64, link(&format!("c{i}"), "https://a/"));
+                committed.store(i + 1, Ordering::Release);
+            }
+            done.store(true, Ordering::Release);
+        });
     }
 
     #[test]
