@@ -632,18 +632,6 @@ enum Code {
 }
 
 impl Code {
-    fn new(code: &str) -> Code {
-        if code.len() > CODE_INLINE_BYTES_MAX {
-            return Code::Heap(code.into());
-        }
-        let mut bytes = [0; CODE_INLINE_BYTES_MAX];
-        bytes[..code.len()].copy_from_slice(code.as_bytes());
-        Code::Inline {
-            len: code.len() as u8,
-            bytes,
-        }
-    }
-
     fn as_bytes(&self) -> &[u8] {
         match self {
             Code::Inline { len, bytes } => &bytes[..usize::from(*len)],
@@ -656,6 +644,48 @@ impl Code {
             // The bytes were copied whole from a str, so they are UTF-8.
             Code::Inline { .. } => std::str::from_utf8(self.as_bytes()).unwrap_or_default(),
             Code::Heap(code) => code,
+        }
+    }
+
+    /// Whether this is the code `key` stands for: two inline codes compare as whole fixed-size
+    /// arrays (a few word compares, no call), as every click of the aggregator does at least
+    /// once.
+    fn is(&self, key: &CodeKey<'_>) -> bool {
+        match (self, key) {
+            (Code::Inline { len, bytes }, CodeKey::Inline(key_len, key_bytes)) => {
+                len == key_len && bytes == key_bytes
+            }
+            (Code::Heap(code), CodeKey::Long(key)) => **code == **key,
+            _ => false,
+        }
+    }
+}
+
+/// A code as a lookup holds it: padded as an inline [`Code`] is when it fits one.
+enum CodeKey<'a> {
+    Inline(u8, [u8; CODE_INLINE_BYTES_MAX]),
+    Long(&'a str),
+}
+
+impl CodeKey<'_> {
+    fn new(code: &str) -> CodeKey<'_> {
+        let mut bytes = [0; CODE_INLINE_BYTES_MAX];
+        match bytes.get_mut(..code.len()) {
+            Some(head) => {
+                head.copy_from_slice(code.as_bytes());
+                CodeKey::Inline(code.len() as u8, bytes)
+            }
+            None => CodeKey::Long(code),
+        }
+    }
+
+    fn to_code(&self) -> Code {
+        match self {
+            CodeKey::Inline(len, bytes) => Code::Inline {
+                len: *len,
+                bytes: *bytes,
+            },
+            CodeKey::Long(code) => Code::Heap((*code).into()),
         }
     }
 }
@@ -766,14 +796,13 @@ impl Links {
         &mut self.chunks[position / LINKS_PER_CHUNK][position % LINKS_PER_CHUNK]
     }
 
-    fn position(&self, hash: u32, code: &str) -> Option<u32> {
-        self.index.find(hash, |position| {
-            self.at(position).code.as_bytes() == code.as_bytes()
-        })
+    fn position(&self, hash: u32, code: &CodeKey<'_>) -> Option<u32> {
+        self.index
+            .find(hash, |position| self.at(position).code.is(code))
     }
 
     fn get(&self, code: &str) -> Option<&LinkAggregates> {
-        let position = self.position(self.hash(code), code)?;
+        let position = self.position(self.hash(code), &CodeKey::new(code))?;
         Some(&self.at(position).aggregates)
     }
 
@@ -784,14 +813,15 @@ impl Links {
     }
 
     fn get_or_add_hashed(&mut self, code: &str, hash: u32) -> Option<&mut LinkAggregates> {
-        let position = match self.position(hash, code) {
+        let key = CodeKey::new(code);
+        let position = match self.position(hash, &key) {
             Some(position) => position,
-            None => self.add(hash, code)?,
+            None => self.add(hash, key.to_code())?,
         };
         Some(&mut self.at_mut(position).aggregates)
     }
 
-    fn add(&mut self, hash: u32, code: &str) -> Option<u32> {
+    fn add(&mut self, hash: u32, code: Code) -> Option<u32> {
         let position = self.len;
         // u32::MAX itself is left out: the index stores position + 1.
         self.len = position.checked_add(1).filter(|len| *len < u32::MAX)?;
@@ -799,7 +829,7 @@ impl Links {
             self.chunks.push(Vec::with_capacity(LINKS_PER_CHUNK));
         }
         self.chunks.last_mut()?.push(Link {
-            code: Code::new(code),
+            code,
             aggregates: LinkAggregates::default(),
         });
         self.index.insert(hash, position);

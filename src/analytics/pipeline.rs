@@ -147,10 +147,14 @@ struct CheckpointRef<'a> {
 /// Appends `click` to the log as one line of tab-separated fields: code, unix seconds,
 /// referrer, country, browser, os, bot (`0`/`1`). Names never hold a tab or a line break (codes,
 /// hosts, ISO codes and agent families cannot); one that did would be written as "other".
-fn write_log_line(line: &mut Vec<u8>, aggregates: &Aggregates, click: &ClassifiedClick<'_>) {
+fn write_log_line(
+    (line, second): (&mut Vec<u8>, &mut SecondText),
+    aggregates: &Aggregates,
+    click: &ClassifiedClick<'_>,
+) {
     line.extend_from_slice(click.code.as_bytes());
     line.push(b'\t');
-    crate::decimal::write_i64(line, click.at_s);
+    second.write(line, click.at_s);
     for id in [click.referrer, click.country, click.browser, click.os] {
         line.push(b'\t');
         let name = aggregates.name(id);
@@ -164,6 +168,24 @@ fn write_log_line(line: &mut Vec<u8>, aggregates: &Aggregates, click: &Classifie
         }
     }
     line.extend_from_slice(if click.bot { b"\t1\n" } else { b"\t0\n" });
+}
+
+/// The decimal text of the second of the last click logged: the clicks of one second share it.
+#[derive(Default)]
+struct SecondText {
+    at_s: i64,
+    text: Vec<u8>,
+}
+
+impl SecondText {
+    fn write(&mut self, out: &mut Vec<u8>, at_s: i64) {
+        if self.text.is_empty() || self.at_s != at_s {
+            self.text.clear();
+            crate::decimal::write_i64(&mut self.text, at_s);
+            self.at_s = at_s;
+        }
+        out.extend_from_slice(&self.text);
+    }
 }
 
 /// Applies one log line; false when it is not a whole line (a write cut short by a crash).
@@ -295,6 +317,7 @@ impl ClickPipeline {
             options,
             log,
             pending: Vec::new(),
+            second: SecondText::default(),
             classifier: Classifier::default(),
             click_log,
         };
@@ -447,6 +470,7 @@ struct Aggregator {
     log: EventLog,
     /// Log lines applied but not yet written.
     pending: Vec<u8>,
+    second: SecondText,
     classifier: Classifier,
     click_log: Option<ClickLog>,
 }
@@ -544,6 +568,7 @@ struct Fold<'a> {
     classifier: &'a mut Classifier,
     countries: &'a CountryResolver,
     log_lines: &'a mut Vec<u8>,
+    second: &'a mut SecondText,
     click_log: Option<&'a mut ClickLog>,
 }
 
@@ -594,7 +619,7 @@ fn fold<'e>(into: &mut Fold<'_>, events: impl Iterator<Item = ReadEvent<'e>>) ->
             bot: agent.bot,
         };
         aggregates.apply_hashed(&click, hash);
-        write_log_line(into.log_lines, aggregates, &click);
+        write_log_line((into.log_lines, into.second), aggregates, &click);
         if let Some(click_log) = &mut into.click_log {
             click_log.push(&ClickLine {
                 code: &event.code,
@@ -625,6 +650,7 @@ pub struct EventFolder {
     classifier: Classifier,
     countries: CountryResolver,
     log_lines: Vec<u8>,
+    second: SecondText,
 }
 
 impl Default for EventFolder {
@@ -634,6 +660,7 @@ impl Default for EventFolder {
             classifier: Classifier::default(),
             countries: CountryResolver::without_database(),
             log_lines: Vec::new(),
+            second: SecondText::default(),
         }
     }
 }
@@ -647,6 +674,7 @@ impl EventFolder {
                 classifier: &mut self.classifier,
                 countries: &self.countries,
                 log_lines: &mut self.log_lines,
+                second: &mut self.second,
                 click_log: None,
             },
             batch.iter(),
@@ -710,6 +738,7 @@ impl Aggregator {
                         classifier: &mut self.classifier,
                         countries: &self.options.countries,
                         log_lines: &mut self.pending,
+                        second: &mut self.second,
                         click_log: self.click_log.as_mut(),
                     },
                     events.by_ref().take(BATCH_EVENTS_MAX),
@@ -910,6 +939,17 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         pipeline.shutdown();
+    }
+
+    #[test]
+    fn a_log_line_has_its_own_second_whatever_came_before() {
+        let mut second = SecondText::default();
+        let mut out = Vec::new();
+        for at_s in [0, T, T, T + 1, T, -5, -5, 0] {
+            out.clear();
+            second.write(&mut out, at_s);
+            assert_eq!(out, at_s.to_string().as_bytes());
+        }
     }
 
     #[test]

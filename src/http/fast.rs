@@ -180,8 +180,10 @@ pub(super) fn step(
         "HEAD" => true,
         _ => return Step::Hyper,
     };
-    let (path, query) = match target.split_once('?') {
-        Some((path, query)) => (path, Some(query)),
+    // A byte loop: `split_once` goes through memchr, which costs more than it saves on a
+    // target of a few bytes.
+    let (path, query) = match target.bytes().position(|byte| byte == b'?') {
+        Some(at) => (&target[..at], Some(&target[at + 1..])),
         None => (target, None),
     };
     if !path.starts_with('/')
