@@ -114,9 +114,9 @@ impl WrittenFilter {
         gate
     }
 
-    /// Refills the set lookups do not read with the hashes `held` yields (every visible entry
-    /// of the map, read while commits wait) and makes it the one they read.
-    fn rebuild(&self, held: impl FnOnce(&dyn Fn(u64))) {
+    /// Refills the set lookups do not read with `held`, the hashes of every visible entry of the
+    /// map (a lazy walk of it, taken while commits wait), and makes it the one they read.
+    fn rebuild(&self, held: impl Iterator<Item = u64>) {
         let _gate = self
             .gate
             .write()
@@ -127,10 +127,10 @@ impl WrittenFilter {
         for word in next.iter() {
             word.store(0, Ordering::Relaxed);
         }
-        held(&|hash| {
+        for hash in held {
             let (word, mask) = Self::position(hash);
             next[word].fetch_or(mask, Ordering::Relaxed);
-        });
+        }
         self.generation.fetch_add(1, Ordering::Release);
     }
 }
@@ -176,13 +176,12 @@ impl Overlay {
     /// Rebuilds the filter of written codes from the map, forgetting the codes whose entries
     /// are gone (after a snapshot took them in). Commits wait while it runs.
     pub fn rebuild_filter(&self) {
-        self.written.rebuild(|hold| {
-            for entry in self.map.iter() {
-                if entry.value().visible().is_some() {
-                    hold(self.hash(entry.key()));
-                }
-            }
-        });
+        self.written.rebuild(
+            self.map
+                .iter()
+                .filter(|entry| entry.value().visible().is_some())
+                .map(|entry| self.hash(entry.key())),
+        );
     }
 
     /// Reserves `code` for a create. `exists_below` is asked, under the shard's write lock, whether
