@@ -1,5 +1,6 @@
 //! Store benchmarks: lookups (snapshot hit, overlay hit, miss), creates per fsync policy
-//! (group commit under 256 concurrent writers), snapshot open, and import of 1M links.
+//! (group commit under 256 concurrent writers), snapshot open, and import of 1M links (and 10M
+//! with `KURZ_BENCH_10M=1`).
 //!
 //! Run: `cargo bench --bench store` (results in PERFORMANCE.md).
 
@@ -145,9 +146,18 @@ fn creates(c: &mut Criterion) {
     group.finish();
 }
 
+/// Snapshot open and TSV import at 1M links, and at 10M too when `KURZ_BENCH_10M` is set
+/// (~3 GB of temp files and a few minutes).
 fn snapshot_files(c: &mut Criterion) {
+    snapshot_files_of(c, LINKS, "1m");
+    if std::env::var_os("KURZ_BENCH_10M").is_some() {
+        snapshot_files_of(c, 10 * LINKS, "10m");
+    }
+}
+
+fn snapshot_files_of(c: &mut Criterion, count: usize, label: &str) {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
-    let links = synthetic_links(LINKS, 3);
+    let links = synthetic_links(count, 3);
     let path = dir.path().join(SNAPSHOT_FILE);
     write_snapshot(&path, &links);
     let tsv = dir.path().join("links.tsv");
@@ -156,20 +166,21 @@ fn snapshot_files(c: &mut Criterion) {
         .map(|(code, url)| format!("{code}\t{url}\n"))
         .collect();
     std::fs::write(&tsv, body).expect("write tsv");
+    drop(links);
 
     let mut group = c.benchmark_group("snapshot");
     group.sample_size(10);
-    group.bench_function("open_1m", |b| {
+    group.bench_function(format!("open_{label}"), |b| {
         b.iter(|| Snapshot::open(&path).expect("open").header().link_count)
     });
-    group.bench_function("import_tsv_1m", |b| {
+    group.bench_function(format!("import_tsv_{label}"), |b| {
         b.iter_batched(
             || tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir"),
             |data| {
                 let store = Store::open(data.path(), options(FsyncPolicy::Always)).expect("open");
                 let report =
                     datafile::import(&store, &tsv, &ImportOptions::default()).expect("import");
-                assert_eq!(report.imported, LINKS as u64);
+                assert_eq!(report.imported, count as u64);
                 store.close();
             },
             BatchSize::PerIteration,

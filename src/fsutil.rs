@@ -47,25 +47,76 @@ pub fn write_durably_with<F>(path: &Path, write_to: F) -> io::Result<()>
 where
     F: FnOnce(&mut dyn Write) -> io::Result<()>,
 {
-    let temp = temp_path(path);
-    let written = (|| {
+    let mut out = DurableFile::create(path)?;
+    write_to(&mut out)?;
+    out.commit()
+}
+
+/// A replacement of a file written piece by piece: the pieces go to a temp file beside it, and
+/// only [`DurableFile::commit`] (fsync, rename, fsync dir) puts it in place. Dropped without a
+/// commit, it removes the temp file and leaves the old file as it was.
+pub struct DurableFile {
+    path: PathBuf,
+    temp: PathBuf,
+    out: Option<BufWriter<File>>,
+}
+
+impl DurableFile {
+    pub fn create(path: &Path) -> io::Result<DurableFile> {
+        let temp = temp_path(path);
         let file = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .open(&temp)?;
-        let mut out = BufWriter::with_capacity(STREAM_BUFFER_BYTES, file);
-        write_to(&mut out)?;
-        out.into_inner()
-            .map_err(|error| error.into_error())?
-            .sync_all()
-    })();
-    if let Err(error) = written {
-        // Best effort: the error that matters is the write's, not the cleanup's.
-        let _ = fs::remove_file(&temp);
-        return Err(error);
+        Ok(DurableFile {
+            path: path.to_owned(),
+            temp,
+            out: Some(BufWriter::with_capacity(STREAM_BUFFER_BYTES, file)),
+        })
     }
-    rename_durably(&temp, path)
+
+    /// Flushes, fsyncs and renames the temp file over the path.
+    pub fn commit(mut self) -> io::Result<()> {
+        let Some(out) = self.out.take() else {
+            return Err(io::Error::other("already committed"));
+        };
+        let committed = out
+            .into_inner()
+            .map_err(|error| error.into_error())
+            .and_then(|file| file.sync_all())
+            .and_then(|()| rename_durably(&self.temp, &self.path));
+        if committed.is_err() {
+            // Best effort: the error that matters is the write's, not the cleanup's.
+            let _ = fs::remove_file(&self.temp);
+        }
+        committed
+    }
+}
+
+impl Write for DurableFile {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        match &mut self.out {
+            Some(out) => out.write(bytes),
+            None => Err(io::Error::other("already committed")),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match &mut self.out {
+            Some(out) => out.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for DurableFile {
+    fn drop(&mut self) {
+        if self.out.take().is_some() {
+            // Not committed: the temp file is not the file anyone asked for.
+            let _ = fs::remove_file(&self.temp);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -73,40 +124,40 @@ mod tests {
     use super::*;
 
     #[test]
-    fn write_durably_replaces_and_leaves_no_temp() {
+    fn a_durable_file_replaces_the_old_one_only_on_commit() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("keys");
-        write_durably(&path, b"one").expect("first write");
-        write_durably(&path, b"two").expect("second write");
-        assert_eq!(fs::read(&path).expect("read"), b"two");
+        let path = dir.path().join("list.tsv");
+        fs::write(&path, b"old\n").expect("write old");
+
+        let mut abandoned = DurableFile::create(&path).expect("create");
+        abandoned.write_all(b"half").expect("write");
+        assert!(temp_path(&path).exists());
+        drop(abandoned);
+        assert_eq!(fs::read(&path).expect("read"), b"old\n");
+        assert!(
+            !temp_path(&path).exists(),
+            "an abandoned temp file is removed"
+        );
+
+        let mut replacement = DurableFile::create(&path).expect("create");
+        replacement.write_all(b"new\n").expect("write");
+        assert_eq!(fs::read(&path).expect("read"), b"old\n");
+        replacement.commit().expect("commit");
+        assert_eq!(fs::read(&path).expect("read"), b"new\n");
         assert!(!temp_path(&path).exists());
     }
 
     #[test]
-    fn a_failed_stream_keeps_the_old_file_and_leaves_no_temp() {
+    fn a_failed_stream_leaves_the_old_file() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("counts");
-        write_durably(&path, b"old").expect("first write");
+        let path = dir.path().join("state");
+        write_durably(&path, b"first").expect("first write");
         let failed = write_durably_with(&path, |out| {
-            out.write_all(&[b'x'; 3 * STREAM_BUFFER_BYTES])?;
-            Err(io::Error::other("serialiser gave up"))
+            out.write_all(b"partial")?;
+            Err(io::Error::other("the source failed"))
         });
         assert!(failed.is_err());
-        assert_eq!(fs::read(&path).expect("read"), b"old");
+        assert_eq!(fs::read(&path).expect("read"), b"first");
         assert!(!temp_path(&path).exists());
-        write_durably_with(&path, |out| out.write_all(&[b'y'; 3 * STREAM_BUFFER_BYTES]))
-            .expect("streamed write");
-        assert_eq!(
-            fs::read(&path).expect("read").len(),
-            3 * STREAM_BUFFER_BYTES
-        );
-    }
-
-    #[test]
-    fn write_durably_into_missing_dir_fails_cleanly() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("absent").join("keys");
-        assert!(write_durably(&path, b"x").is_err());
-        assert!(!path.exists());
     }
 }

@@ -65,6 +65,10 @@ enum Command {
         /// Length of generated codes for rows without one.
         #[arg(long, default_value_t = kurz::links::codegen::CODE_LEN_DEFAULT)]
         code_length: usize,
+        /// Write every skipped row here as `line<TAB>reason` (the terminal shows the first
+        /// 1000); the list is written even when --strict refuses the import.
+        #[arg(long, value_name = "FILE")]
+        rejects: Option<PathBuf>,
     },
     /// Write every link as NDJSON, TSV or CSV (works beside a running server).
     Export {
@@ -132,7 +136,19 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             format,
             strict,
             code_length,
-        } => import(&data.data_dir, &file, format, strict, code_length),
+            rejects,
+        } => import(
+            &data.data_dir,
+            &file,
+            ImportOptions {
+                format,
+                strict,
+                code_len: code_length,
+                progress: true,
+                rejects,
+                ..ImportOptions::default()
+            },
+        ),
         Command::Export {
             data,
             format,
@@ -177,27 +193,14 @@ fn open_writable(data_dir: &Path) -> anyhow::Result<Store> {
     .with_context(|| format!("cannot open data dir {}", data_dir.display()))
 }
 
-fn import(
-    data_dir: &Path,
-    file: &Path,
-    format: Option<Format>,
-    strict: bool,
-    code_len: usize,
-) -> anyhow::Result<ExitCode> {
-    if !(1..=kurz::links::validate::CODE_BYTES_MAX).contains(&code_len) {
+fn import(data_dir: &Path, file: &Path, options: ImportOptions) -> anyhow::Result<ExitCode> {
+    if !(1..=kurz::links::validate::CODE_BYTES_MAX).contains(&options.code_len) {
         bail!(
             "--code-length must be 1 to {}",
             kurz::links::validate::CODE_BYTES_MAX
         );
     }
     let store = open_writable(data_dir)?;
-    let options = ImportOptions {
-        format,
-        strict,
-        code_len,
-        progress: true,
-        ..ImportOptions::default()
-    };
     let report = datafile::import(&store, file, &options)?;
     store.close();
     for rejection in &report.rejections {
@@ -209,10 +212,16 @@ fn import(
         );
     }
     if report.rejected > report.rejections.len() as u64 {
-        eprintln!(
-            "... and {} more skipped rows",
-            report.rejected - report.rejections.len() as u64
-        );
+        let unlisted = report.rejected - report.rejections.len() as u64;
+        match &options.rejects {
+            Some(path) => eprintln!(
+                "... and {unlisted} more skipped rows, every one listed in {}",
+                path.display()
+            ),
+            None => {
+                eprintln!("... and {unlisted} more skipped rows (--rejects FILE lists every one)")
+            }
+        }
     }
     println!(
         "imported {} links ({} with generated codes) in {} ms; {} rows skipped; snapshot holds {} links, covers WAL seq {}",

@@ -127,6 +127,25 @@ fn import_names_the_lines_it_skips() {
     ]);
     assert_eq!(strict.status.code(), Some(2));
     assert!(text(&strict.stderr).contains("nothing was imported"));
+
+    let rejects = dir.path().join("skipped.tsv");
+    let listed = kurz(&[
+        "import",
+        "--data-dir",
+        dir.path().join("listed").to_str().expect("path"),
+        "--rejects",
+        rejects.to_str().expect("path"),
+        input.to_str().expect("path"),
+    ]);
+    assert!(listed.status.success());
+    let skipped = fs::read_to_string(&rejects).expect("rejects file");
+    let lines: Vec<&str> = skipped.lines().collect();
+    assert_eq!(lines.len(), 2, "{skipped}");
+    assert!(lines[0].starts_with("2\t"), "{skipped}");
+    assert!(
+        lines[1].starts_with("3\t") && lines[1].contains("already exists"),
+        "{skipped}"
+    );
 }
 
 #[test]

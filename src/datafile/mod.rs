@@ -14,6 +14,7 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
+use crate::fsutil::DurableFile;
 use crate::links::{codegen, validate};
 use crate::store::link::{Link, LinkMeta, LinkStatus, LinkView, LongUrl, RedirectStatus};
 use crate::store::snapshot::{AddError, SnapshotBuilder};
@@ -35,6 +36,8 @@ pub enum ImportError {
     Read { path: PathBuf, source: io::Error },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("cannot write the list of skipped rows to {path}: {source}")]
+    Rejects { path: PathBuf, source: io::Error },
     #[error("{rejected} row(s) failed validation (first: line {line}: {reason}); --strict: nothing was imported")]
     Strict {
         rejected: u64,
@@ -55,6 +58,9 @@ pub struct ImportOptions {
     pub strict: bool,
     /// Draw a progress bar on stderr (only when it is a terminal).
     pub progress: bool,
+    /// Write every skipped row here as `line<TAB>reason` (temp file + fsync + rename), not only
+    /// the first [`REJECTIONS_KEPT_MAX`] the report keeps.
+    pub rejects: Option<PathBuf>,
 }
 
 impl Default for ImportOptions {
@@ -65,6 +71,7 @@ impl Default for ImportOptions {
             code_len: codegen::CODE_LEN_DEFAULT,
             strict: false,
             progress: false,
+            rejects: None,
         }
     }
 }
@@ -134,11 +141,16 @@ struct Tally {
     generated_codes: u64,
     rejected: u64,
     rejections: Vec<Rejection>,
+    /// Every rejection, when asked for, and the first error writing it.
+    rejects: Option<(DurableFile, io::Result<()>)>,
 }
 
 impl Tally {
     fn reject(&mut self, line: u64, reason: String) {
         self.rejected += 1;
+        if let Some((out, written @ Ok(()))) = &mut self.rejects {
+            *written = writeln!(out, "{line}\t{}", reason.replace(['\t', '\n', '\r'], " "));
+        }
         if self.rejections.len() < REJECTIONS_KEPT_MAX {
             self.rejections.push(Rejection { line, reason });
         }
@@ -207,7 +219,15 @@ pub fn import(
     let format = options.format.unwrap_or_else(|| Format::from_path(path));
     let bar = progress_bar(options, total_bytes);
     let now = now_s();
+    let rejects_error = |path: &Path| {
+        let path = path.to_owned();
+        move |source| ImportError::Rejects { path, source }
+    };
     let mut tally = Tally::default();
+    if let Some(path) = &options.rejects {
+        let out = DurableFile::create(path).map_err(rejects_error(path))?;
+        tally.rejects = Some((out, Ok(())));
+    }
     let snapshot = store.snapshot_with(|builder| {
         let input = BufReader::with_capacity(READ_BUFFER_BYTES, file);
         rows::for_each_row(format, input, |line, row, bytes_read| {
@@ -221,6 +241,12 @@ pub fn import(
             }
         })
         .map_err(read_error)?;
+        // Written before the snapshot, so a list that cannot be written stops the import.
+        if let (Some((out, written)), Some(path)) = (tally.rejects.take(), &options.rejects) {
+            written
+                .and_then(|()| out.commit())
+                .map_err(rejects_error(path))?;
+        }
         if options.strict && tally.rejected > 0 {
             let first = tally.rejections[0].clone();
             return Err(ImportError::Strict {
@@ -413,6 +439,114 @@ mod tests {
         );
         assert_eq!(store.get("ok"), None);
         assert_eq!(store.snapshot_header().link_count, 0);
+    }
+
+    #[test]
+    fn every_skipped_row_is_listed_in_the_rejects_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let input = dir.path().join("links.tsv");
+        let bad_rows = REJECTIONS_KEPT_MAX + 500;
+        let mut text = String::from("good\thttps://example.com/\n");
+        for row in 0..bad_rows {
+            text.push_str(&format!("bad{row}\tftp://example.com/{row}\n"));
+        }
+        std::fs::write(&input, text).expect("write input");
+        let store = open(&dir.path().join("data"));
+        let rejects = dir.path().join("skipped.tsv");
+        let options = ImportOptions {
+            rejects: Some(rejects.clone()),
+            ..ImportOptions::default()
+        };
+        let report = import(&store, &input, &options).expect("import");
+        assert_eq!(report.imported, 1);
+        assert_eq!(report.rejected, bad_rows as u64);
+        assert_eq!(report.rejections.len(), REJECTIONS_KEPT_MAX);
+        let listed = std::fs::read_to_string(&rejects).expect("rejects file");
+        let lines: Vec<u64> = listed
+            .lines()
+            .map(|line| {
+                let (number, reason) = line.split_once('\t').expect("line<TAB>reason");
+                assert!(reason.contains("ftp"), "{reason}");
+                number.parse().expect("line number")
+            })
+            .collect();
+        let expected: Vec<u64> = (2..2 + bad_rows as u64).collect();
+        assert_eq!(lines, expected);
+        assert!(!crate::fsutil::temp_path(&rejects).exists());
+    }
+
+    #[test]
+    fn a_rejects_file_that_cannot_be_written_stops_the_import() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let input = dir.path().join("links.tsv");
+        std::fs::write(&input, "ok\thttps://example.com/\nno\tftp://example.com/\n")
+            .expect("write");
+        let store = open(&dir.path().join("data"));
+        let options = ImportOptions {
+            rejects: Some(dir.path().join("missing-dir").join("skipped.tsv")),
+            ..ImportOptions::default()
+        };
+        let error = import(&store, &input, &options).expect_err("no place for the list");
+        assert!(matches!(error, ImportError::Rejects { .. }), "{error}");
+        assert_eq!(store.get("ok"), None);
+        assert_eq!(store.snapshot_header().link_count, 0);
+
+        let rejects = dir.path().join("skipped.tsv");
+        let strict = ImportOptions {
+            strict: true,
+            rejects: Some(rejects.clone()),
+            ..ImportOptions::default()
+        };
+        import(&store, &input, &strict).expect_err("strict refuses");
+        assert!(std::fs::read_to_string(&rejects)
+            .expect("the list is written when strict refuses")
+            .starts_with("2\t"));
+        assert_eq!(store.get("ok"), None);
+    }
+
+    #[test]
+    fn csv_and_ndjson_rows_without_a_code_get_generated_ones() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let csv = dir.path().join("links.csv");
+        std::fs::write(
+            &csv,
+            "code,url\n,https://example.com/csv-generated\nnamed,https://example.com/named\n",
+        )
+        .expect("write csv");
+        let ndjson = dir.path().join("links.ndjson");
+        std::fs::write(
+            &ndjson,
+            "{\"long_url\":\"https://example.com/json-generated\"}\n",
+        )
+        .expect("write ndjson");
+        let store = open(&dir.path().join("data"));
+        let options = ImportOptions {
+            code_len: 9,
+            ..ImportOptions::default()
+        };
+        let from_csv = import(&store, &csv, &options).expect("csv import");
+        assert_eq!((from_csv.imported, from_csv.generated_codes), (2, 1));
+        let from_ndjson = import(&store, &ndjson, &options).expect("ndjson import");
+        assert_eq!((from_ndjson.imported, from_ndjson.generated_codes), (1, 1));
+        let mut tsv = Vec::new();
+        export(&store, Format::Tsv, false, &mut tsv).expect("export");
+        let exported = String::from_utf8_lossy(&tsv).into_owned();
+        for url in [
+            "https://example.com/csv-generated",
+            "https://example.com/json-generated",
+        ] {
+            let line = exported
+                .lines()
+                .find(|line| line.ends_with(url))
+                .unwrap_or_else(|| panic!("{url} not exported: {exported}"));
+            let code = line.split('\t').next().expect("code");
+            assert_eq!(code.len(), 9, "{line}");
+            assert_eq!(store.get(code).map(|link| link.long_url), Some(url.into()));
+        }
+        assert_eq!(
+            store.get("named").map(|link| link.long_url),
+            Some("https://example.com/named".into())
+        );
     }
 
     #[test]
