@@ -7,6 +7,7 @@ use std::fs;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
+use clap::builder::BoolishValueParser;
 use serde::Deserialize;
 
 use crate::cluster::{self, shard::SHARDS_MAX, ClusterOptions};
@@ -26,7 +27,12 @@ pub const RATE_LIMIT_PER_S_DEFAULT: f64 = 50.0;
 pub const RATE_LIMIT_BURST_DEFAULT: u32 = 200;
 pub const CONNECTIONS_MAX_DEFAULT: usize = 10_000;
 pub const TIMEOUT_HEADER_READ_MS_DEFAULT: u64 = 10_000;
+pub const TIMEOUT_BODY_READ_MS_DEFAULT: u64 = 10_000;
+pub const TIMEOUT_WRITE_MS_DEFAULT: u64 = 10_000;
 pub const TIMEOUT_SHUTDOWN_MS_DEFAULT: u64 = 10_000;
+/// Schemes no configuration may allow: their "links" run code or read local files.
+const SCHEMES_NEVER_ALLOWED: [&str; 6] =
+    ["javascript", "data", "vbscript", "file", "blob", "about"];
 pub const CLICKS_CHECKPOINT_MS_DEFAULT: u64 = 1_000;
 /// Checkpoints rewrite every counter, so they must not run back to back.
 const CLICKS_CHECKPOINT_MS_MIN: u64 = 100;
@@ -64,6 +70,38 @@ pub enum ConfigError {
     Invalid { name: &'static str, message: String },
 }
 
+/// The `url_schemes` setting, lower-cased and checked: RFC 3986 scheme syntax, none of
+/// [`SCHEMES_NEVER_ALLOWED`], at least one.
+fn url_schemes(schemes: Vec<String>) -> Result<Vec<String>, ConfigError> {
+    let schemes: Vec<String> = schemes
+        .iter()
+        .map(|scheme| scheme.trim().to_ascii_lowercase())
+        .filter(|scheme| !scheme.is_empty())
+        .collect();
+    if schemes.is_empty() {
+        return Err(invalid("url_schemes", "names no scheme"));
+    }
+    for scheme in &schemes {
+        let well_formed = scheme.starts_with(|c: char| c.is_ascii_lowercase())
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c));
+        if !well_formed {
+            return Err(invalid(
+                "url_schemes",
+                format!("{scheme:?} is not a URL scheme"),
+            ));
+        }
+        if SCHEMES_NEVER_ALLOWED.contains(&scheme.as_str()) {
+            return Err(invalid(
+                "url_schemes",
+                format!("{scheme:?} links can run code or read local files; it is never allowed"),
+            ));
+        }
+    }
+    Ok(schemes)
+}
+
 fn invalid(name: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         name,
@@ -95,7 +133,7 @@ pub struct ServeArgs {
     #[arg(long, env = "KURZ_KEYS")]
     pub keys: Option<PathBuf>,
     /// Let clients without an API key create links (they are still rate limited per IP).
-    #[arg(long, env = "KURZ_ALLOW_ANONYMOUS_CREATE")]
+    #[arg(long, env = "KURZ_ALLOW_ANONYMOUS_CREATE", value_parser = BoolishValueParser::new())]
     pub allow_anonymous_create: bool,
     /// Base of short_url in API answers, e.g. https://sho.rt [default: http://<listen>].
     /// Its host is also refused as a link target (redirect loops).
@@ -124,7 +162,7 @@ pub struct ServeArgs {
     #[arg(long, env = "KURZ_COUNTER_NODE_ID")]
     pub counter_node_id: Option<u16>,
     /// Counter codes in plain sequence instead of permuted (guessable; for debugging).
-    #[arg(long, env = "KURZ_COUNTER_UNPERMUTED")]
+    #[arg(long, env = "KURZ_COUNTER_UNPERMUTED", value_parser = BoolishValueParser::new())]
     pub counter_unpermuted: bool,
     /// Length of generated codes; grows by one after repeated collisions [default: 7].
     #[arg(long, env = "KURZ_CODE_LENGTH")]
@@ -132,11 +170,15 @@ pub struct ServeArgs {
     /// Longest accepted long URL, in bytes [default: 2048].
     #[arg(long, env = "KURZ_URL_BYTES_MAX")]
     pub url_bytes_max: Option<usize>,
+    /// Comma-separated URL schemes a long URL may have; javascript, data, vbscript, file, blob
+    /// and about are always refused [default: http,https].
+    #[arg(long, env = "KURZ_URL_SCHEMES", value_delimiter = ',')]
+    pub url_schemes: Option<Vec<String>>,
     /// File of blocked domains, one per line ('#' starts a comment); subdomains are blocked too.
     #[arg(long, env = "KURZ_BLOCKLIST")]
     pub blocklist: Option<PathBuf>,
     /// Refuse long URLs whose host is a private, loopback or link-local address.
-    #[arg(long, env = "KURZ_REJECT_PRIVATE_ADDRESSES")]
+    #[arg(long, env = "KURZ_REJECT_PRIVATE_ADDRESSES", value_parser = BoolishValueParser::new())]
     pub reject_private_addresses: bool,
     /// Comma-separated words no custom alias may be (replaces the default list:
     /// api, admin, metrics, healthz, readyz, static, ...).
@@ -165,6 +207,14 @@ pub struct ServeArgs {
     /// keep-alive connections too, so it is also the idle timeout [default: 10000].
     #[arg(long, env = "KURZ_TIMEOUT_HEADER_READ_MS")]
     pub timeout_header_read_ms: Option<u64>,
+    /// Time a client has to send a request's body once its headers arrived, in ms; a slower
+    /// one gets 408 and the connection is closed [default: 10000].
+    #[arg(long, env = "KURZ_TIMEOUT_BODY_READ_MS")]
+    pub timeout_body_read_ms: Option<u64>,
+    /// Time an answer may wait for a client that does not read it, in ms; after that the
+    /// connection is closed [default: 10000].
+    #[arg(long, env = "KURZ_TIMEOUT_WRITE_MS")]
+    pub timeout_write_ms: Option<u64>,
     /// How often the click counts that changed are made durable (appended to
     /// <data-dir>/clicks-changes.tsv and fsynced; all of them go to clicks.tsv when the changes
     /// outgrow it, and at shutdown), in ms: a kill -9 loses at most this much [default: 1000].
@@ -203,12 +253,12 @@ pub struct ServeArgs {
     pub snapshot_age_max_s: Option<u64>,
     /// Turn the click analytics pipeline off (exact counts and caps stay on): no referrers,
     /// countries, user agents or time series, and no per-click hand-off on the redirect path.
-    #[arg(long, env = "KURZ_NO_CLICK_ANALYTICS")]
+    #[arg(long, env = "KURZ_NO_CLICK_ANALYTICS", value_parser = BoolishValueParser::new())]
     pub no_click_analytics: bool,
     /// Serve the public listener with hyper alone on the async runtime, without the event loops
     /// and lean HTTP/1.1 path that answer plain GET/HEAD /{code} requests themselves (for
     /// comparison and debugging).
-    #[arg(long, env = "KURZ_HYPER_ONLY")]
+    #[arg(long, env = "KURZ_HYPER_ONLY", value_parser = BoolishValueParser::new())]
     pub hyper_only: bool,
     /// Cluster mode: NATS servers (comma-separated URLs, any of the cluster's) whose JetStream
     /// stream is the cluster's write log. Without it kurz runs single-node with its local WAL.
@@ -273,6 +323,7 @@ impl ServeArgs {
             counter_unpermuted: self.counter_unpermuted || file.counter_unpermuted,
             code_length: self.code_length.or(file.code_length),
             url_bytes_max: self.url_bytes_max.or(file.url_bytes_max),
+            url_schemes: self.url_schemes.or(file.url_schemes),
             blocklist: self.blocklist.or(file.blocklist),
             reject_private_addresses: self.reject_private_addresses
                 || file.reject_private_addresses,
@@ -284,6 +335,8 @@ impl ServeArgs {
             trusted_proxies: self.trusted_proxies.or(file.trusted_proxies),
             connections_max: self.connections_max.or(file.connections_max),
             timeout_header_read_ms: self.timeout_header_read_ms.or(file.timeout_header_read_ms),
+            timeout_body_read_ms: self.timeout_body_read_ms.or(file.timeout_body_read_ms),
+            timeout_write_ms: self.timeout_write_ms.or(file.timeout_write_ms),
             timeout_shutdown_ms: self.timeout_shutdown_ms.or(file.timeout_shutdown_ms),
             clicks_checkpoint_ms: self.clicks_checkpoint_ms.or(file.clicks_checkpoint_ms),
             click_log_flush_ms: self.click_log_flush_ms.or(file.click_log_flush_ms),
@@ -340,6 +393,8 @@ pub struct ServeConfig {
     pub trusted_proxies: Vec<IpAddr>,
     pub connections_max: usize,
     pub timeout_header_read_ms: u64,
+    pub timeout_body_read_ms: u64,
+    pub timeout_write_ms: u64,
     pub timeout_shutdown_ms: u64,
     pub clicks_checkpoint_ms: u64,
     pub click_log_flush_ms: u64,
@@ -650,6 +705,20 @@ impl ServeConfig {
         if timeout_header_read_ms == 0 {
             return Err(invalid("timeout_header_read_ms", "must be at least 1"));
         }
+        let timeout_body_read_ms = args
+            .timeout_body_read_ms
+            .unwrap_or(TIMEOUT_BODY_READ_MS_DEFAULT);
+        let timeout_write_ms = args.timeout_write_ms.unwrap_or(TIMEOUT_WRITE_MS_DEFAULT);
+        if timeout_body_read_ms == 0 || timeout_write_ms == 0 {
+            return Err(invalid(
+                "timeout_body_read_ms",
+                "timeout_body_read_ms and timeout_write_ms must be at least 1",
+            ));
+        }
+        let schemes_allowed = match args.url_schemes {
+            Some(schemes) => url_schemes(schemes)?,
+            None => UrlRules::default().schemes_allowed,
+        };
         let clicks_checkpoint_ms = args
             .clicks_checkpoint_ms
             .unwrap_or(CLICKS_CHECKPOINT_MS_DEFAULT);
@@ -729,7 +798,7 @@ impl ServeConfig {
             counter_permuted: !args.counter_unpermuted,
             url_rules: UrlRules {
                 url_bytes_max,
-                schemes_allowed: vec!["http".into(), "https".into()],
+                schemes_allowed,
                 domains_blocked,
                 own_hosts: vec![own_host],
                 reject_private_addresses: args.reject_private_addresses,
@@ -742,6 +811,8 @@ impl ServeConfig {
             trusted_proxies: args.trusted_proxies.unwrap_or_default(),
             connections_max,
             timeout_header_read_ms,
+            timeout_body_read_ms,
+            timeout_write_ms,
             timeout_shutdown_ms: args
                 .timeout_shutdown_ms
                 .unwrap_or(TIMEOUT_SHUTDOWN_MS_DEFAULT),
@@ -816,6 +887,73 @@ mod tests {
             ..ServeArgs::default()
         }));
         assert!(toml::from_str::<ServeArgs>("no_such_setting = 1").is_err());
+        for schemes in [
+            vec!["https", "javascript"],
+            vec!["1http"],
+            vec![" "],
+            vec!["DATA"],
+        ] {
+            assert!(
+                bad(ServeArgs {
+                    url_schemes: Some(schemes.iter().map(|s| s.to_string()).collect()),
+                    ..ServeArgs::default()
+                }),
+                "{schemes:?}"
+            );
+        }
+        assert!(bad(ServeArgs {
+            timeout_write_ms: Some(0),
+            ..ServeArgs::default()
+        }));
+    }
+
+    #[test]
+    fn url_schemes_can_be_widened_but_never_to_code() {
+        let config = ServeConfig::validate(ServeArgs {
+            url_schemes: Some(vec!["HTTPS".into(), "ftp".into()]),
+            ..ServeArgs::default()
+        })
+        .expect("valid");
+        let rules = &config.url_rules;
+        assert_eq!(rules.schemes_allowed, vec!["https", "ftp"]);
+        assert!(crate::links::validate::long_url("ftp://files.example.com/a", rules).is_ok());
+        assert!(crate::links::validate::long_url("http://example.com/", rules).is_err());
+    }
+
+    #[test]
+    fn boolean_settings_take_the_usual_spellings_from_the_environment() {
+        let command = <ServeArgs as clap::Args>::augment_args(clap::Command::new("serve"));
+        let flags: Vec<&clap::Arg> = command
+            .get_arguments()
+            .filter(|arg| matches!(arg.get_action(), clap::ArgAction::SetTrue))
+            .collect();
+        assert_eq!(flags.len(), 5, "every on/off setting");
+        for arg in flags {
+            // A variable of this test's own, so no other test sees it change (clap keeps names
+            // as `&'static str`; five small leaks in a test).
+            let variable: &'static str =
+                Box::leak(format!("KURZ_TEST_BOOLISH_{}", arg.get_id()).into_boxed_str());
+            for (value, expected) in [
+                ("1", true),
+                ("yes", true),
+                ("on", true),
+                ("0", false),
+                ("false", false),
+            ] {
+                std::env::set_var(variable, value);
+                // clap reads the variable when the argument is given it.
+                let alone = clap::Command::new("serve").arg((*arg).clone().env(variable));
+                let matches = alone
+                    .try_get_matches_from(["serve"])
+                    .unwrap_or_else(|error| panic!("{variable}={value}: {error}"));
+                assert_eq!(
+                    matches.get_flag(arg.get_id().as_str()),
+                    expected,
+                    "{variable}={value}"
+                );
+            }
+            std::env::remove_var(variable);
+        }
     }
 
     #[test]
