@@ -365,8 +365,10 @@ fn too_large(bytes_max: usize) -> ApiError {
     )
 }
 
-/// Reads a JSON body of at most `bytes_max` bytes into `T`.
+/// Reads a JSON body of at most `bytes_max` bytes into `T`; the whole body must arrive within
+/// the configured body-read timeout.
 async fn read_json<T: DeserializeOwned>(
+    app: &App,
     request: Request<Incoming>,
     bytes_max: usize,
 ) -> Result<T, ApiError> {
@@ -385,9 +387,20 @@ async fn read_json<T: DeserializeOwned>(
     if declared_bytes.is_some_and(|bytes| bytes > bytes_max as u64) {
         return Err(too_large(bytes_max));
     }
-    let collected = Limited::new(request.into_body(), bytes_max)
-        .collect()
+    let within = Duration::from_millis(app.config.timeout_body_read_ms);
+    let collecting = Limited::new(request.into_body(), bytes_max).collect();
+    let collected = tokio::time::timeout(within, collecting)
         .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!(
+                    "the request body did not arrive within {} ms",
+                    within.as_millis()
+                ),
+            )
+        })?
         .map_err(|error| {
             if error.is::<http_body_util::LengthLimitError>() {
                 too_large(bytes_max)
@@ -688,7 +701,7 @@ async fn shorten(
 ) -> Result<Response, ApiError> {
     let principal = authorize_create(app, request.headers())?;
     rate_limit(app, &principal, client_ip(app, request.headers(), peer), 1)?;
-    let body: ShortenRequest = read_json(request, app.config.body_bytes_max).await?;
+    let body: ShortenRequest = read_json(app, request, app.config.body_bytes_max).await?;
     let Inserted { link, reused } = create_one(app, body).await?;
     let status = if reused {
         StatusCode::OK
@@ -716,7 +729,7 @@ async fn shorten_batch(
 ) -> Result<Response, ApiError> {
     let principal = authorize_create(app, request.headers())?;
     let client = client_ip(app, request.headers(), peer);
-    let body: BatchRequest = read_json(request, app.config.batch_body_bytes_max).await?;
+    let body: BatchRequest = read_json(app, request, app.config.batch_body_bytes_max).await?;
     if body.items.len() > BATCH_ITEMS_MAX {
         return Err(ApiError::bad_request(
             "batch_too_large",
@@ -1127,7 +1140,7 @@ async fn patch_url(
     code: &str,
 ) -> Result<Response, ApiError> {
     require_key(app, request.headers())?;
-    let patch: PatchRequest = read_json(request, app.config.body_bytes_max).await?;
+    let patch: PatchRequest = read_json(app, request, app.config.body_bytes_max).await?;
     let change = change(app, patch, now_s())?;
     let link = update(app, code, change).await?;
     Ok(json_response(StatusCode::OK, &link_body(app, &link)))

@@ -10,6 +10,7 @@ pub mod lean_loop;
 pub mod ratelimit;
 pub mod redirect;
 pub mod server;
+pub mod slow_client;
 
 use std::sync::OnceLock;
 use std::time::Instant;

@@ -23,6 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::lean_loop::{HandedOver, LeanLoops, LoopOptions};
+use super::slow_client::WriteDeadline;
 use super::{admin, api, fast, redirect, App, Response, ServeError};
 use crate::analytics::geo::CountryResolver;
 use crate::analytics::pipeline::{AnalyticsOptions, ClickPipeline};
@@ -700,6 +701,7 @@ where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let timeout_header_read = Duration::from_millis(app.config.timeout_header_read_ms);
+    let io = WriteDeadline::new(io, Duration::from_millis(app.config.timeout_write_ms));
     let service = service_fn(move |request: Request<Incoming>| {
         let app = app.clone();
         async move { Ok::<_, Infallible>(route(&app, request, peer, kind).await) }
