@@ -39,11 +39,13 @@ impl RateLimiter {
         }
     }
 
-    /// Takes `cost` tokens (at most the burst) from the bucket `name`, or says in how many whole
-    /// seconds enough will have refilled. When the map is full of busy buckets, a new name is
-    /// refused until a sweep makes room.
+    /// Takes `cost` tokens from the bucket `name`, or says in how many whole seconds enough will
+    /// have refilled. A cost above the burst (a large batch) needs a full bucket and leaves it
+    /// in debt, so it is paid for in full before the next request. When the map is full of busy
+    /// buckets, a new name is refused until a sweep makes room.
     pub fn take(&self, name: &str, cost: u32) -> Result<(), u64> {
-        let cost = f64::from(cost).min(self.burst);
+        let cost = f64::from(cost);
+        let needed = cost.min(self.burst);
         let now = Instant::now();
         let entry = match self.buckets.get(name) {
             Some(entry) => entry,
@@ -67,11 +69,11 @@ impl RateLimiter {
             .as_secs_f64();
         bucket.tokens = (bucket.tokens + elapsed_s * self.rate_per_s).min(self.burst);
         bucket.refilled_at = now;
-        if bucket.tokens >= cost {
+        if bucket.tokens >= needed {
             bucket.tokens -= cost;
             Ok(())
         } else {
-            let wait_s = (cost - bucket.tokens) / self.rate_per_s;
+            let wait_s = (needed - bucket.tokens) / self.rate_per_s;
             Err(wait_s.ceil().max(1.0) as u64)
         }
     }
@@ -115,8 +117,18 @@ mod tests {
         assert_eq!(limiter.take("a", 2), Ok(()));
         assert_eq!(limiter.take("a", 1), Err(1));
         assert_eq!(limiter.take("b", 1), Ok(()));
-        assert_eq!(limiter.take("c", 10), Ok(()));
-        assert_eq!(limiter.take("c", 3), Err(3));
+        assert_eq!(limiter.take("c", 2), Ok(()));
+        assert_eq!(limiter.take("c", 3), Err(2));
+    }
+
+    #[test]
+    fn a_cost_above_the_burst_is_paid_in_full() {
+        let limiter = RateLimiter::new(2.0, 10);
+        assert_eq!(limiter.take("batch", 1), Ok(()));
+        assert_eq!(limiter.take("batch", 11), Err(1), "needs a full bucket");
+        assert_eq!(limiter.take("other", 100), Ok(()), "a full bucket takes it");
+        // 100 taken from 10: 90 in debt, then one more token: 91 at 2 per second.
+        assert_eq!(limiter.take("other", 1), Err(46));
     }
 
     #[test]
