@@ -2,12 +2,14 @@
 //! `GET /admin/info`, plus `/healthz` and `/readyz`. `/admin/*` needs an admin-scope key;
 //! `/metrics` and the health checks are open, because the admin listener is meant for loopback or
 //! a private network. In cluster mode a snapshot is also uploaded for new nodes to start from,
-//! and metrics and info report the node's place in the stream. Never served on the public
-//! listener.
+//! and metrics and info report the node's place in the stream. Every error it answers is
+//! `{"error","code"}` JSON, as the OpenAPI document (`openapi.json`) says. Never served on the
+//! public listener.
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use http_body_util::BodyExt;
 use hyper::{Method, Request, StatusCode};
 use serde_json::json;
 
@@ -25,7 +27,7 @@ pub async fn handle<B>(app: &Arc<App>, request: &Request<B>) -> (Route, Response
     let method = request.method();
     match (method, path) {
         (&Method::GET | &Method::HEAD, "/healthz") => (Route::Health, super::healthz()),
-        (&Method::GET | &Method::HEAD, "/readyz") => (Route::Ready, super::readyz(app)),
+        (&Method::GET | &Method::HEAD, "/readyz") => (Route::Ready, readyz(app).await),
         (&Method::GET, "/metrics") => (Route::Metrics, metrics(app)),
         (&Method::POST, "/admin/snapshot") => (
             Route::AdminSnapshot,
@@ -52,9 +54,34 @@ pub async fn handle<B>(app: &Arc<App>, request: &Request<B>) -> (Route, Response
         ),
         _ => (
             Route::Other,
-            text(StatusCode::NOT_FOUND, "not found: the admin listener serves /metrics, /healthz, /readyz and /admin/{snapshot,reload,info}\n"),
+            super::error_json(
+                StatusCode::NOT_FOUND,
+                "no_such_route",
+                "no such route: the admin listener serves /metrics, /healthz, /readyz, /admin/snapshot, /admin/reload and /admin/info",
+            ),
         ),
     }
+}
+
+/// `/readyz` as the public listener answers it, except that a refusal is `{"error","code":
+/// "not_ready"}` like every other error of this listener (the reason as the error text).
+async fn readyz(app: &App) -> Response {
+    let response = super::readyz(app);
+    let is_json = response
+        .headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .is_some_and(|value| value.as_bytes().starts_with(b"application/json"));
+    if response.status().is_success() || is_json {
+        return response;
+    }
+    let status = response.status();
+    let Ok(collected) = response.into_body().collect().await;
+    let reason = collected.to_bytes();
+    super::error_json(
+        status,
+        "not_ready",
+        String::from_utf8_lossy(&reason).trim_end(),
+    )
 }
 
 async fn answer<F, Fut>(admitted: Result<(), ApiError>, then: F) -> Response
