@@ -847,3 +847,375 @@ fn blocklist_and_private_addresses_are_refused() {
     }
     server.create(&key, r#"{"long_url":"https://good.example/x"}"#);
 }
+
+/// `links_live` of /admin/info.
+fn links_live(server: &Server, admin_key: &str) -> u64 {
+    let admin = format!("Bearer {admin_key}");
+    let info = request(
+        server.admin,
+        "GET",
+        "/admin/info",
+        &[("Authorization", &admin)],
+        b"",
+    );
+    assert_eq!(info.status, 200, "{}", info.text());
+    info.json()["links_live"].as_u64().expect("links_live")
+}
+
+#[test]
+fn a_batch_of_exactly_1000_items_succeeds_and_1001_is_refused_whole() {
+    let (_dir, server, key, admin_key) = server_with_keys();
+    let url = |n: usize| format!("https://example.com/batch/{n}");
+    let items: Vec<String> = (0..1000)
+        .map(|n| format!(r#"{{"long_url":"{}"}}"#, url(n)))
+        .collect();
+    let reply = server.post_json(
+        "/api/v1/shorten/batch",
+        &key,
+        &format!(r#"{{"items":[{}]}}"#, items.join(",")),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let body = reply.json();
+    assert_eq!(
+        (body["created"].as_u64(), body["failed"].as_u64()),
+        (Some(1000), Some(0))
+    );
+    let results = body["results"].as_array().expect("results");
+    assert_eq!(results.len(), 1000);
+    let mut codes = std::collections::HashSet::new();
+    let mut connection = KeepAlive::connect(server.public);
+    for (n, result) in results.iter().enumerate() {
+        assert_eq!(result["index"], n, "results in item order: {result}");
+        assert_eq!(result["status"], 201, "{result}");
+        assert_eq!(result["long_url"], url(n));
+        let code = result["short_code"].as_str().expect("short_code");
+        assert!(codes.insert(code.to_owned()), "{code} handed out twice");
+        let redirect = connection.request("HEAD", &format!("/{code}"), &[]);
+        assert_eq!(
+            (redirect.status, redirect.header("location")),
+            (302, Some(url(n).as_str())),
+            "item {n}"
+        );
+    }
+    assert_eq!(links_live(&server, &admin_key), 1000);
+
+    let items: Vec<String> = (0..1001)
+        .map(|n| format!(r#"{{"long_url":"https://example.com/over/{n}"}}"#))
+        .collect();
+    let too_many = server.post_json(
+        "/api/v1/shorten/batch",
+        &key,
+        &format!(r#"{{"items":[{}]}}"#, items.join(",")),
+    );
+    assert_eq!(too_many.status, 400, "{}", too_many.text());
+    assert_eq!(too_many.code(), "batch_too_large");
+    assert_eq!(
+        links_live(&server, &admin_key),
+        1000,
+        "a refused batch stores none of its items"
+    );
+}
+
+/// Seconds of `public, max-age=N`.
+fn max_age(reply: &common::Reply) -> u64 {
+    reply
+        .header("cache-control")
+        .and_then(|value| value.strip_prefix("public, max-age="))
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("no public max-age: {:?}", reply.headers))
+}
+
+#[test]
+fn patching_expires_at_changes_what_the_redirect_answers() {
+    for hyper_only in [false, true] {
+        let dir = data_dir();
+        let key = add_key(dir.path(), "writer", "write");
+        let flags: &[&str] = if hyper_only { &["--hyper-only"] } else { &[] };
+        let server = Server::start(dir.path(), flags);
+        let context = format!("hyper only: {hyper_only}");
+        let code = server.create(
+            &key,
+            r#"{"long_url":"https://example.com/later","redirect_status":308}"#,
+        );
+        let path = format!("/{code}");
+        let api = format!("/api/v1/urls/{code}");
+        // The lean path on the default server; hyper answers everything with --hyper-only.
+        let mut connection = KeepAlive::connect(server.public);
+        let accept = [("Accept", "application/json")];
+        let reply = connection.request("GET", &path, &accept);
+        assert_eq!((reply.status, max_age(&reply)), (308, 86_400), "{context}");
+
+        // An expiry an hour ahead: still redirects, and caches may keep it an hour at most.
+        let in_an_hour = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
+        let text = in_an_hour
+            .replace_nanosecond(0)
+            .expect("whole seconds")
+            .format(&time::format_description::well_known::Rfc3339)
+            .expect("rfc3339");
+        let patched = server.with_key(
+            "PATCH",
+            &api,
+            &key,
+            &format!(r#"{{"expires_at":"{text}"}}"#),
+        );
+        assert_eq!(patched.status, 200, "{context}: {}", patched.text());
+        assert!(patched.json()["expires_at"].as_str().is_some(), "{context}");
+        let reply = connection.request("GET", &path, &accept);
+        assert_eq!(reply.status, 308, "{context}");
+        assert!(
+            (3_500..=3_600).contains(&max_age(&reply)),
+            "{context}: max-age {} after the expiry moved to an hour ahead",
+            max_age(&reply)
+        );
+
+        // An expiry a second ahead: once it passed, the link answers 410 expired.
+        let soon = time::OffsetDateTime::now_utc() + time::Duration::seconds(2);
+        let text = soon
+            .format(&time::format_description::well_known::Rfc3339)
+            .expect("rfc3339");
+        let patched = server.with_key(
+            "PATCH",
+            &api,
+            &key,
+            &format!(r#"{{"expires_at":"{text}"}}"#),
+        );
+        assert_eq!(patched.status, 200, "{context}: {}", patched.text());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let reply = connection.request("GET", &path, &accept);
+            if reply.status == 410 {
+                assert_eq!(reply.code(), "expired", "{context}");
+                break;
+            }
+            assert_eq!(reply.status, 308, "{context}");
+            assert!(max_age(&reply) <= 2, "{context}: cached past its expiry");
+            assert!(Instant::now() < deadline, "{context}: never expired");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // An expiry in the past is refused and changes nothing.
+        let refused = server.with_key(
+            "PATCH",
+            &api,
+            &key,
+            r#"{"expires_at":"2001-01-01T00:00:00Z"}"#,
+        );
+        assert_eq!(
+            (refused.status, refused.code()),
+            (400, "invalid_expiry".to_owned()),
+            "{context}"
+        );
+        // Clearing the expiry brings the link back.
+        let cleared = server.with_key("PATCH", &api, &key, r#"{"expires_at":null}"#);
+        assert_eq!(cleared.status, 200, "{context}: {}", cleared.text());
+        assert_eq!(cleared.json()["expires_at"], Value::Null, "{context}");
+        let reply = connection.request("GET", &path, &accept);
+        assert_eq!((reply.status, max_age(&reply)), (308, 86_400), "{context}");
+    }
+}
+
+#[test]
+fn script_and_data_urls_are_refused_end_to_end() {
+    let dir = data_dir();
+    let key = add_key(dir.path(), "writer", "write");
+    let admin_key = add_key(dir.path(), "root", "admin");
+    // ftp allowed on top of http(s): the allowlist is in use, and still refuses these.
+    let server = Server::start(dir.path(), &["--url-schemes", "http,https,ftp"]);
+    server.create(
+        &key,
+        r#"{"long_url":"ftp://example.com/file","custom_alias":"ftp-ok"}"#,
+    );
+    server.create(
+        &key,
+        r#"{"long_url":"https://example.com/safe","custom_alias":"safe"}"#,
+    );
+    let hostile = [
+        "vbscript:msgbox(1)",
+        "VBScript:MsgBox(\"x\")",
+        "data:text/html,<script>alert(1)</script>",
+        "DATA:text/html;base64,PHNjcmlwdD4=",
+        "  data:text/plain,x",
+        "javascript:alert(1)",
+        "JaVaScRiPt:alert(1)",
+        "\tjavascript:alert(1)",
+    ];
+    for url in hostile {
+        let body = serde_json::json!({ "long_url": url }).to_string();
+        let reply = server.post_json("/api/v1/shorten", &key, &body);
+        assert_eq!(
+            (reply.status, reply.code()),
+            (400, "scheme_not_allowed".to_owned()),
+            "create {url:?}: {}",
+            reply.text()
+        );
+        let body = serde_json::json!({ "long_url": url, "custom_alias": "hostile" }).to_string();
+        let reply = server.post_json("/api/v1/shorten", &key, &body);
+        assert_eq!(
+            reply.code(),
+            "scheme_not_allowed",
+            "create {url:?} with an alias"
+        );
+        let body = serde_json::json!({ "long_url": url }).to_string();
+        let reply = server.with_key("PATCH", "/api/v1/urls/safe", &key, &body);
+        assert_eq!(
+            (reply.status, reply.code()),
+            (400, "scheme_not_allowed".to_owned()),
+            "patch to {url:?}"
+        );
+    }
+    let items: Vec<serde_json::Value> = hostile
+        .iter()
+        .map(|url| serde_json::json!({ "long_url": url }))
+        .collect();
+    let batch = server.post_json(
+        "/api/v1/shorten/batch",
+        &key,
+        &serde_json::json!({ "items": items }).to_string(),
+    );
+    assert_eq!(batch.status, 200, "{}", batch.text());
+    assert_eq!(batch.json()["created"], 0);
+    for result in batch.json()["results"].as_array().expect("results") {
+        assert_eq!(
+            (&result["status"], &result["code"]),
+            (
+                &serde_json::json!(400),
+                &serde_json::json!("scheme_not_allowed")
+            ),
+            "{result}"
+        );
+    }
+    // Nothing was stored or changed: the alias is free, the patched link still goes where it did.
+    assert_eq!(links_live(&server, &admin_key), 2);
+    let mut connection = KeepAlive::connect(server.public);
+    assert_eq!(connection.request("GET", "/hostile", &[]).status, 404);
+    let safe = connection.request("GET", "/safe", &[]);
+    assert_eq!(
+        (safe.status, safe.header("location")),
+        (302, Some("https://example.com/safe"))
+    );
+    drop(server);
+
+    // An operator cannot allow them either.
+    for schemes in ["http,https,vbscript", "http,https,data", "https,JavaScript"] {
+        let mut serve = common::kurz();
+        serve
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--url-schemes", schemes, "--data-dir"])
+            .arg(dir.path());
+        let refused = common::output_within_start_timeout(serve);
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert_eq!(refused.status.code(), Some(2), "{schemes}: {stderr}");
+        assert!(stderr.contains("url_schemes"), "{schemes}: {stderr}");
+    }
+}
+
+/// `sample-links.tsv` of `dir` as a named pipe: the first start of a server on `dir` imports it
+/// before it is ready, and the open blocks until someone writes to the pipe, so the server
+/// stays not ready exactly as long as the test wants.
+fn sample_links_pipe(dir: &std::path::Path) -> std::path::PathBuf {
+    let pipe = dir.join("sample-links.tsv");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&pipe)
+        .status()
+        .expect("run mkfifo");
+    assert!(made.success());
+    pipe
+}
+
+/// Writes `links` into the pipe (waiting at most `START_TIMEOUT` for the server to open it).
+fn feed_pipe(pipe: std::path::PathBuf, links: &'static str) {
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::Write;
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&pipe)
+            .and_then(|mut writer| writer.write_all(links.as_bytes()));
+        let _ = done_tx.send(written);
+    });
+    done_rx
+        .recv_timeout(common::START_TIMEOUT)
+        .expect("the server never opened the sample links")
+        .expect("write the sample links");
+}
+
+#[test]
+fn until_the_store_is_open_readyz_redirects_and_the_api_answer_503_not_ready() {
+    for hyper_only in [false, true] {
+        let dir = data_dir();
+        let key = add_key(dir.path(), "writer", "write");
+        let pipe = sample_links_pipe(dir.path());
+        let flags: &[&str] = if hyper_only { &["--hyper-only"] } else { &[] };
+        let server = Server::launch(dir.path(), flags);
+        let context = format!("hyper only: {hyper_only}");
+        let mut connection = KeepAlive::connect(server.public);
+        let accept = [("Accept", "application/json")];
+        // Twice, a moment apart: the window stays open until the pipe is fed.
+        for round in 0..2 {
+            let context = format!("{context}, round {round}");
+            for addr in [server.public, server.admin] {
+                assert_eq!(
+                    request(addr, "GET", "/healthz", &[], b"").status,
+                    200,
+                    "{context}"
+                );
+                let ready = request(addr, "GET", "/readyz", &[], b"");
+                assert_eq!(ready.status, 503, "{context}: {}", ready.text());
+            }
+            let admin_ready = request(server.admin, "GET", "/readyz", &[], b"");
+            assert_eq!(admin_ready.code(), "not_ready", "{context}");
+            for method in ["GET", "HEAD"] {
+                let reply = connection.request(method, "/rust", &accept);
+                assert_eq!(reply.status, 503, "{method} /rust, {context}");
+                if method == "GET" {
+                    assert_eq!(reply.code(), "not_ready", "{context}");
+                }
+            }
+            let text = connection.request("GET", "/rust", &[]);
+            assert_eq!(text.status, 503, "{context}");
+            assert!(text
+                .header("content-type")
+                .unwrap_or("")
+                .starts_with("text/plain"));
+            // A code outside the charset is 404 without the store.
+            assert_eq!(
+                connection.request("GET", "/bad.code", &[]).status,
+                404,
+                "{context}"
+            );
+            let create = server.post_json(
+                "/api/v1/shorten",
+                &key,
+                r#"{"long_url":"https://example.com/early"}"#,
+            );
+            assert_eq!(
+                (create.status, create.code()),
+                (503, "not_ready".to_owned()),
+                "{context}"
+            );
+            let read = server.with_key("GET", "/api/v1/urls/rust", &key, "");
+            assert_eq!(
+                (read.status, read.code()),
+                (503, "not_ready".to_owned()),
+                "{context}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        feed_pipe(pipe, "rust\thttps://www.rust-lang.org/\n");
+        server.wait_ready();
+        let admin_ready = request(server.admin, "GET", "/readyz", &[], b"");
+        assert_eq!(admin_ready.status, 200, "{context}");
+        let reply = connection.request("GET", "/rust", &[]);
+        assert_eq!(
+            (reply.status, reply.header("location")),
+            (302, Some("https://www.rust-lang.org/")),
+            "{context}: the same connection once ready"
+        );
+        server.create(&key, r#"{"long_url":"https://example.com/now"}"#);
+    }
+}

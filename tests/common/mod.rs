@@ -26,6 +26,31 @@ pub fn kurz() -> Command {
     command
 }
 
+/// Runs `command` to its end and returns its output, killing it (and failing) if it still runs
+/// after `START_TIMEOUT`: for commands that must exit, such as a `kurz serve` that must refuse
+/// its settings.
+pub fn output_within_start_timeout(mut command: Command) -> std::process::Output {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + START_TIMEOUT;
+    while child.try_wait().expect("try_wait").is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let output = child.wait_with_output().expect("wait");
+            panic!(
+                "still running after {START_TIMEOUT:?}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("wait")
+}
+
 /// Adds an API key with `scope` to the keys file of `dir` and returns it.
 pub fn add_key(dir: &Path, name: &str, scope: &str) -> String {
     let output = kurz()
@@ -51,6 +76,14 @@ impl Server {
     /// Starts `kurz serve` on `dir` with ephemeral ports plus `extra` flags, and waits for
     /// /readyz to say 200.
     pub fn start(dir: &Path, extra: &[&str]) -> Server {
+        let server = Server::launch(dir, extra);
+        server.wait_ready();
+        server
+    }
+
+    /// Starts `kurz serve` like [`Server::start`] but returns as soon as it listens, before its
+    /// store is open.
+    pub fn launch(dir: &Path, extra: &[&str]) -> Server {
         let mut child = kurz()
             .args([
                 "serve",
@@ -96,14 +129,12 @@ impl Server {
                 );
             }
         };
-        let server = Server {
+        Server {
             child,
             public,
             admin,
             log: Mutex::new(lines_rx),
-        };
-        server.wait_ready();
-        server
+        }
     }
 
     pub fn wait_ready(&self) {
@@ -305,11 +336,21 @@ pub fn data_dir() -> tempfile::TempDir {
     tempfile::tempdir().expect("tempdir")
 }
 
-/// One keep-alive HTTP/1.1 connection: requests go out without `Connection: close`, and each
-/// response is read by its Content-Length.
+/// One keep-alive HTTP/1.1 connection: requests go out without a `Connection` header (so a plain
+/// `GET`/`HEAD /{code}` reaches the public listener's lean path), and each response is read by
+/// its Content-Length.
 pub struct KeepAlive {
     stream: TcpStream,
     pending: Vec<u8>,
+}
+
+/// How a connection ended, as [`KeepAlive::wait_closed`] saw it.
+#[derive(Debug)]
+pub struct Closed {
+    /// What the server sent before it closed (an answer such as 408, or nothing).
+    pub bytes: Vec<u8>,
+    /// Time from the call to the close.
+    pub after: Duration,
 }
 
 impl KeepAlive {
@@ -326,10 +367,24 @@ impl KeepAlive {
         self.stream.write_all(bytes).expect("send");
     }
 
+    /// Sends what it can of `bytes`: the server may answer and close before it read them all.
+    pub fn send_some(&mut self, bytes: &[u8]) {
+        let _ = self.stream.write_all(bytes);
+    }
+
     /// Reads one response; `head` says it answers a HEAD (no body whatever Content-Length says).
+    /// Every response must start right where the previous one ended: a body the server sent
+    /// unannounced (to a HEAD, say) fails here.
     pub fn read_reply(&mut self, head: bool) -> Reply {
         let mut buffer = [0u8; 8192];
         loop {
+            let prefix = self.pending.len().min(7);
+            assert_eq!(
+                &self.pending[..prefix],
+                &b"HTTP/1."[..prefix],
+                "a response must start here: {:?}",
+                String::from_utf8_lossy(&self.pending)
+            );
             if let Some(end) = self.pending.windows(4).position(|w| w == b"\r\n\r\n") {
                 let reply = parse_reply(&self.pending[..end + 4]);
                 let body_bytes = if head {
@@ -352,13 +407,34 @@ impl KeepAlive {
         }
     }
 
+    /// Whether bytes arrived that no response read so far took.
+    pub fn has_unread_bytes(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
     pub fn request(&mut self, method: &str, path: &str, headers: &[(&str, &str)]) -> Reply {
+        self.request_with_body(method, path, headers, b"")
+    }
+
+    /// A request with a body (sent with its Content-Length when not empty, or for POST/PATCH).
+    pub fn request_with_body(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Reply {
         let mut head = format!("{method} {path} HTTP/1.1\r\nHost: kurz.test\r\n");
         for (name, value) in headers {
             head.push_str(&format!("{name}: {value}\r\n"));
         }
+        if !body.is_empty() || method == "POST" || method == "PATCH" {
+            head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        }
         head.push_str("\r\n");
-        self.send(head.as_bytes());
+        let mut bytes = head.into_bytes();
+        bytes.extend_from_slice(body);
+        self.send(&bytes);
         self.read_reply(method == "HEAD")
     }
 
@@ -366,5 +442,53 @@ impl KeepAlive {
     pub fn closed_by_server(&mut self) -> bool {
         let mut buffer = [0u8; 64];
         matches!(self.stream.read(&mut buffer), Ok(0))
+    }
+
+    /// Whether the server stays silent (sends nothing, and does not close) for `quiet`.
+    pub fn silent_for(&mut self, quiet: Duration) -> bool {
+        self.stream.set_read_timeout(Some(quiet)).expect("timeout");
+        let mut buffer = [0u8; 8192];
+        let silent = match self.stream.read(&mut buffer) {
+            Ok(read) => {
+                self.pending.extend_from_slice(&buffer[..read]);
+                false
+            }
+            Err(error) => matches!(
+                error.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+        };
+        self.stream
+            .set_read_timeout(Some(IO_TIMEOUT))
+            .expect("timeout");
+        silent
+    }
+
+    /// Waits until the server closes the connection (EOF or reset), for at most the IO
+    /// timeout; None if it is still open then.
+    pub fn wait_closed(&mut self) -> Option<Closed> {
+        let started = Instant::now();
+        let mut bytes = std::mem::take(&mut self.pending);
+        let mut buffer = [0u8; 8192];
+        loop {
+            match self.stream.read(&mut buffer) {
+                Ok(0) => break,
+                Ok(read) => bytes.extend_from_slice(&buffer[..read]),
+                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(error)
+                    if matches!(
+                        error.kind(),
+                        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted
+                    ) =>
+                {
+                    break
+                }
+                Err(_) => return None,
+            }
+        }
+        Some(Closed {
+            bytes,
+            after: started.elapsed(),
+        })
     }
 }
