@@ -7,9 +7,9 @@ mod common;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use common::{add_key, data_dir, parse_reply, raw, request, Server};
+use common::{add_key, data_dir, parse_reply, raw, request, KeepAlive, Server};
 
 #[test]
 fn every_acknowledged_create_survives_kill_9() {
@@ -216,17 +216,23 @@ fn malformed_requests_get_4xx_and_the_server_keeps_serving() {
     .expect("headers");
     assert_eq!(status_of(&reply), 431);
 
-    // A client that never finishes its headers is cut off after the header-read timeout.
-    let mut slow = TcpStream::connect(server.public).expect("connect");
-    slow.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    slow.write_all(b"GET /rust HTTP/1.1\r\nHost: t\r\n")
-        .expect("partial");
-    let mut rest = Vec::new();
-    let read = slow.read_to_end(&mut rest);
+    // A client that never finishes its headers is cut off after the header-read timeout (300
+    // ms): not before it, and within the IO timeout after it.
+    let started = Instant::now();
+    let mut slow = KeepAlive::connect(server.public);
+    slow.send(b"GET /rust HTTP/1.1\r\nHost: t\r\n");
+    let said = slow
+        .wait_closed()
+        .expect("a client that stopped mid-head is never cut off");
     assert!(
-        read.is_ok() || rest.is_empty(),
-        "the server closes a slow client"
+        started.elapsed() >= Duration::from_millis(300),
+        "cut off after {:?}, before the header-read timeout",
+        started.elapsed()
+    );
+    assert!(
+        said.is_empty() || status_of(&said) == 408,
+        "{}",
+        String::from_utf8_lossy(&said)
     );
 
     // An idle keep-alive connection is closed after the same timeout.
@@ -244,29 +250,321 @@ fn malformed_requests_get_4xx_and_the_server_keeps_serving() {
     assert_eq!(reply.status, 302, "still serving after the abuse");
 }
 
-#[test]
-fn connection_cap_queues_extra_clients() {
+/// A server with the quick-start link `/rust` and these flags.
+fn sample_server(flags: &[&str]) -> (tempfile::TempDir, Server) {
     let dir = data_dir();
     std::fs::write(
         dir.path().join("sample-links.tsv"),
         "rust\thttps://www.rust-lang.org/\n",
     )
     .expect("sample");
-    let server = Server::start(
-        dir.path(),
-        &["--connections-max", "1", "--timeout-header-read-ms", "500"],
+    let server = Server::start(dir.path(), flags);
+    (dir, server)
+}
+
+/// With a cap of one connection, a second client is not answered while the first holds its
+/// connection (the timeouts are far longer than the test), and is answered once it closes.
+fn cap_holds_a_second_client(addr: std::net::SocketAddr, path: &str, status: u16, what: &str) {
+    let mut first = KeepAlive::connect(addr);
+    assert_eq!(first.request("GET", path, &[]).status, status, "{what}");
+    let mut second = KeepAlive::connect(addr);
+    second.send(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
+    assert!(
+        second.silent_for(Duration::from_millis(500)),
+        "{what}: a second client was served while the only slot was taken"
     );
-    // The first connection holds the only slot until its idle timeout; the second waits in the
-    // backlog and is then served.
-    let mut first = TcpStream::connect(server.public).expect("connect");
-    first
-        .write_all(b"GET /rust HTTP/1.1\r\nHost: t\r\n\r\n")
-        .expect("request");
-    let mut buffer = [0u8; 512];
-    let read = first.read(&mut buffer).expect("first reply");
-    assert_eq!(status_of(&buffer[..read]), 302);
-    let reply = request(server.public, "GET", "/rust", &[], b"");
-    assert_eq!(reply.status, 302);
+    assert_eq!(
+        first.request("GET", path, &[]).status,
+        status,
+        "{what}: the first client keeps its slot"
+    );
+    drop(first);
+    assert_eq!(
+        second.read_reply(false).status,
+        status,
+        "{what}: served once the slot was free"
+    );
+    assert_eq!(second.request("GET", path, &[]).status, status, "{what}");
+}
+
+#[test]
+fn connection_cap_queues_extra_clients() {
+    let flags = [
+        "--connections-max",
+        "1",
+        "--timeout-header-read-ms",
+        "60000",
+    ];
+    let (_dir, server) = sample_server(&flags);
+    cap_holds_a_second_client(server.public, "/rust", 302, "public listener, lean path");
+    cap_holds_a_second_client(server.admin, "/healthz", 200, "admin listener");
+    let mut hyper_flags = flags.to_vec();
+    hyper_flags.push("--hyper-only");
+    let (_dir, server) = sample_server(&hyper_flags);
+    cap_holds_a_second_client(server.public, "/rust", 302, "public listener, hyper only");
+}
+
+/// The header-read timeout of `sample_server` below, in ms.
+const HEADER_READ_MS: u64 = 300;
+
+/// Checks that `addr` cuts off a client that says nothing, one that stops mid-head and one idle
+/// after a request, each no sooner than the header-read timeout, and keeps a connection whose
+/// requests come more often than that.
+fn slow_and_idle_clients_are_cut_off(
+    addr: std::net::SocketAddr,
+    path: &str,
+    status: u16,
+    what: &str,
+) {
+    let timeout = Duration::from_millis(HEADER_READ_MS);
+    let request = format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n");
+    for (case, sent) in [
+        ("a client that sends nothing", &b""[..]),
+        (
+            "a client that stops mid-head",
+            &request.as_bytes()[..request.len() - 2],
+        ),
+    ] {
+        let started = Instant::now();
+        let mut connection = KeepAlive::connect(addr);
+        connection.send(sent);
+        let said = connection
+            .wait_closed()
+            .unwrap_or_else(|| panic!("{what}: {case} is never cut off"));
+        assert!(
+            started.elapsed() >= timeout,
+            "{what}: {case} cut off after {:?}",
+            started.elapsed()
+        );
+        assert!(
+            said.is_empty() || status_of(&said) == 408,
+            "{what}: {case}: {}",
+            String::from_utf8_lossy(&said)
+        );
+    }
+    let mut idle = KeepAlive::connect(addr);
+    let started = Instant::now();
+    assert_eq!(idle.request("GET", path, &[]).status, status, "{what}");
+    let said = idle
+        .wait_closed()
+        .unwrap_or_else(|| panic!("{what}: an idle keep-alive connection is never closed"));
+    assert!(
+        started.elapsed() >= timeout,
+        "{what}: idle connection closed after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        said.is_empty(),
+        "{what}: {}",
+        String::from_utf8_lossy(&said)
+    );
+    // Requests every third of the timeout, for three timeouts: the wait restarts with each.
+    let mut busy = KeepAlive::connect(addr);
+    for round in 0..9 {
+        assert_eq!(
+            busy.request("GET", path, &[]).status,
+            status,
+            "{what}: round {round}"
+        );
+        std::thread::sleep(timeout / 3);
+    }
+    assert!(busy.wait_closed().is_some(), "{what}: closed once idle");
+}
+
+#[test]
+fn slow_and_idle_clients_are_cut_off_on_every_listener() {
+    let timeout = HEADER_READ_MS.to_string();
+    let (_dir, server) = sample_server(&["--timeout-header-read-ms", &timeout]);
+    slow_and_idle_clients_are_cut_off(server.public, "/rust", 302, "public listener, lean path");
+    slow_and_idle_clients_are_cut_off(server.admin, "/healthz", 200, "admin listener");
+    let (_dir, server) = sample_server(&["--timeout-header-read-ms", &timeout, "--hyper-only"]);
+    slow_and_idle_clients_are_cut_off(server.public, "/rust", 302, "public listener, hyper only");
+    slow_and_idle_clients_are_cut_off(server.admin, "/healthz", 200, "admin listener, hyper only");
+}
+
+/// Garbage, a bad version, oversized heads and too many headers: each gets a 4xx or a close
+/// (never silence, never a crash), and `addr` answers `path` with `status` after each.
+fn hostile_requests_leave_the_listener_serving(
+    addr: std::net::SocketAddr,
+    path: &str,
+    status: u16,
+    what: &str,
+) {
+    let mut oversized = format!("GET {path} HTTP/1.1\r\nHost: t\r\n").into_bytes();
+    for n in 0..200 {
+        oversized.extend_from_slice(format!("X-Filler-{n}: {}\r\n", "x".repeat(200)).as_bytes());
+    }
+    oversized.extend_from_slice(b"\r\n");
+    let many_headers: String = (0..100).map(|n| format!("X-{n}: y\r\n")).collect();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("garbage", b"\x00\x01\x02garbage garbage\r\n\r\n".to_vec()),
+        ("binary noise", (0..=255u8).cycle().take(5000).collect()),
+        (
+            "a bad version",
+            format!("GET {path} SPDY/9\r\n\r\n").into_bytes(),
+        ),
+        (
+            "a bad method",
+            format!("G\x01T {path} HTTP/1.1\r\nHost: t\r\n\r\n").into_bytes(),
+        ),
+        ("40 KB of headers", oversized),
+        (
+            "100 headers",
+            format!("GET {path} HTTP/1.1\r\nHost: t\r\n{many_headers}\r\n").into_bytes(),
+        ),
+        (
+            "a 1 MB target",
+            format!("GET /{} HTTP/1.1\r\nHost: t\r\n\r\n", "a".repeat(1 << 20)).into_bytes(),
+        ),
+        (
+            "a header line without a colon",
+            format!("GET {path} HTTP/1.1\r\nHost: t\r\nno colon here\r\n\r\n").into_bytes(),
+        ),
+    ];
+    for (case, bytes) in cases {
+        // raw() fails if the server neither answers nor closes within the IO timeout.
+        let reply = raw(addr, &bytes).unwrap_or_else(|error| panic!("{what}: {case}: {error}"));
+        if !reply.is_empty() {
+            let answered = status_of(&reply);
+            assert!(
+                (400..500).contains(&answered),
+                "{what}: {case} got {answered}"
+            );
+        }
+        let after = request(addr, "GET", path, &[], b"");
+        assert_eq!(after.status, status, "{what}: still serving after {case}");
+    }
+}
+
+#[test]
+fn hostile_requests_to_the_admin_listener_and_hyper_only_leave_them_serving() {
+    let (_dir, server) = sample_server(&[]);
+    hostile_requests_leave_the_listener_serving(server.admin, "/healthz", 200, "admin listener");
+    let (_dir, server) = sample_server(&["--hyper-only"]);
+    hostile_requests_leave_the_listener_serving(server.public, "/rust", 302, "hyper only");
+    hostile_requests_leave_the_listener_serving(server.admin, "/healthz", 200, "admin, hyper only");
+    let mut connection = KeepAlive::connect(server.public);
+    assert_eq!(connection.request("GET", "/rust", &[]).status, 302);
+}
+
+#[test]
+fn invalid_utf8_json_is_400_and_the_same_and_a_new_connection_keep_working() {
+    for hyper_only in [false, true] {
+        let dir = data_dir();
+        let key = add_key(dir.path(), "writer", "write");
+        std::fs::write(
+            dir.path().join("sample-links.tsv"),
+            "rust\thttps://www.rust-lang.org/\n",
+        )
+        .expect("sample");
+        let flags: &[&str] = if hyper_only { &["--hyper-only"] } else { &[] };
+        let server = Server::start(dir.path(), flags);
+        let what = format!("hyper only: {hyper_only}");
+        let json = [
+            ("X-API-Key", key.as_str()),
+            ("Content-Type", "application/json"),
+        ];
+        let mut connection = KeepAlive::connect(server.public);
+        // A redirect first, so a lean connection moves to hyper mid-way.
+        assert_eq!(
+            connection.request("GET", "/rust", &[]).status,
+            302,
+            "{what}"
+        );
+        for body in [
+            &b"{\"long_url\":\"https://example.com/\xff\"}"[..],
+            b"{\"long_url\":\"https://example.com/\xc3\"}",
+            b"\xfe\xff{}",
+        ] {
+            let reply = connection.request_with_body("POST", "/api/v1/shorten", &json, body);
+            assert_eq!(
+                (reply.status, reply.code()),
+                (400, "invalid_utf8".to_owned()),
+                "{what}: {body:?}"
+            );
+            let redirect = connection.request("GET", "/rust", &[]);
+            assert_eq!(
+                redirect.status, 302,
+                "{what}: the same connection redirects"
+            );
+        }
+        let created = connection.request_with_body(
+            "POST",
+            "/api/v1/shorten",
+            &json,
+            br#"{"long_url":"https://example.com/after-bad-utf8"}"#,
+        );
+        assert_eq!(created.status, 201, "{what}: {}", created.text());
+        let code = created.json()["short_code"]
+            .as_str()
+            .expect("code")
+            .to_owned();
+        let mut fresh = KeepAlive::connect(server.public);
+        let redirect = fresh.request("GET", &format!("/{code}"), &[]);
+        assert_eq!(
+            (redirect.status, redirect.header("location")),
+            (302, Some("https://example.com/after-bad-utf8")),
+            "{what}: a new connection"
+        );
+        server.create(&key, r#"{"long_url":"https://example.com/and-another"}"#);
+    }
+}
+
+#[test]
+fn a_1_mb_url_in_a_json_body_is_413_and_the_server_keeps_serving() {
+    let dir = data_dir();
+    let key = add_key(dir.path(), "writer", "write");
+    let admin_key = add_key(dir.path(), "root", "admin");
+    std::fs::write(
+        dir.path().join("sample-links.tsv"),
+        "rust\thttps://www.rust-lang.org/\n",
+    )
+    .expect("sample");
+    let server = Server::start(dir.path(), &[]);
+    let url = format!("https://example.com/{}", "a".repeat(1 << 20));
+    let body = serde_json::json!({ "long_url": url }).to_string();
+    let mut head = format!(
+        "POST /api/v1/shorten HTTP/1.1\r\nHost: t\r\nX-API-Key: {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    head.extend_from_slice(body.as_bytes());
+    let reply = raw(server.public, &head).expect("an answer to a 1 MB body");
+    let reply = parse_reply(&reply);
+    assert_eq!(reply.status, 413, "{}", reply.text());
+    assert_eq!(reply.code(), "body_too_large");
+    // In a batch (whose body may be 4 MB) the same URL is refused as an item.
+    let batch = server.post_json(
+        "/api/v1/shorten/batch",
+        &key,
+        &serde_json::json!({ "items": [{ "long_url": url }, { "long_url": "https://example.com/ok" }] })
+            .to_string(),
+    );
+    assert_eq!(batch.status, 200, "{}", batch.text());
+    let results = batch.json()["results"].clone();
+    assert_eq!(
+        (&results[0]["status"], &results[0]["code"]),
+        (&serde_json::json!(400), &serde_json::json!("url_too_long")),
+        "{results}"
+    );
+    assert_eq!(results[1]["status"], 201);
+    // Still serving, on the lean path and through the API, and nothing long was stored.
+    let mut connection = KeepAlive::connect(server.public);
+    assert_eq!(connection.request("GET", "/rust", &[]).status, 302);
+    server.create(&key, r#"{"long_url":"https://example.com/after-1mb"}"#);
+    let admin = format!("Bearer {admin_key}");
+    let info = request(
+        server.admin,
+        "GET",
+        "/admin/info",
+        &[("Authorization", &admin)],
+        b"",
+    );
+    assert_eq!(
+        info.json()["links_live"],
+        3,
+        "the sample, the batch's good item, the last create"
+    );
 }
 
 #[test]

@@ -344,15 +344,6 @@ pub struct KeepAlive {
     pending: Vec<u8>,
 }
 
-/// How a connection ended, as [`KeepAlive::wait_closed`] saw it.
-#[derive(Debug)]
-pub struct Closed {
-    /// What the server sent before it closed (an answer such as 408, or nothing).
-    pub bytes: Vec<u8>,
-    /// Time from the call to the close.
-    pub after: Duration,
-}
-
 impl KeepAlive {
     pub fn connect(addr: SocketAddr) -> KeepAlive {
         let stream = TcpStream::connect(addr).expect("connect");
@@ -465,14 +456,14 @@ impl KeepAlive {
     }
 
     /// Waits until the server closes the connection (EOF or reset), for at most the IO
-    /// timeout; None if it is still open then.
-    pub fn wait_closed(&mut self) -> Option<Closed> {
-        let started = Instant::now();
+    /// timeout: what the server sent before it closed (an answer such as 408, or nothing), or
+    /// None if the connection is still open then.
+    pub fn wait_closed(&mut self) -> Option<Vec<u8>> {
         let mut bytes = std::mem::take(&mut self.pending);
         let mut buffer = [0u8; 8192];
         loop {
             match self.stream.read(&mut buffer) {
-                Ok(0) => break,
+                Ok(0) => return Some(bytes),
                 Ok(read) => bytes.extend_from_slice(&buffer[..read]),
                 Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(error)
@@ -481,14 +472,10 @@ impl KeepAlive {
                         std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted
                     ) =>
                 {
-                    break
+                    return Some(bytes)
                 }
                 Err(_) => return None,
             }
         }
-        Some(Closed {
-            bytes,
-            after: started.elapsed(),
-        })
     }
 }
