@@ -9,7 +9,6 @@
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use http_body_util::BodyExt;
 use hyper::{Method, Request, StatusCode};
 use serde_json::json;
 
@@ -27,7 +26,7 @@ pub async fn handle<B>(app: &Arc<App>, request: &Request<B>) -> (Route, Response
     let method = request.method();
     match (method, path) {
         (&Method::GET | &Method::HEAD, "/healthz") => (Route::Health, super::healthz()),
-        (&Method::GET | &Method::HEAD, "/readyz") => (Route::Ready, readyz(app).await),
+        (&Method::GET | &Method::HEAD, "/readyz") => (Route::Ready, super::readyz(app)),
         (&Method::GET, "/metrics") => (Route::Metrics, metrics(app)),
         (&Method::POST, "/admin/snapshot") => (
             Route::AdminSnapshot,
@@ -61,27 +60,6 @@ pub async fn handle<B>(app: &Arc<App>, request: &Request<B>) -> (Route, Response
             ),
         ),
     }
-}
-
-/// `/readyz` as the public listener answers it, except that a refusal is `{"error","code":
-/// "not_ready"}` like every other error of this listener (the reason as the error text).
-async fn readyz(app: &App) -> Response {
-    let response = super::readyz(app);
-    let is_json = response
-        .headers()
-        .get(hyper::header::CONTENT_TYPE)
-        .is_some_and(|value| value.as_bytes().starts_with(b"application/json"));
-    if response.status().is_success() || is_json {
-        return response;
-    }
-    let status = response.status();
-    let Ok(collected) = response.into_body().collect().await;
-    let reason = collected.to_bytes();
-    super::error_json(
-        status,
-        "not_ready",
-        String::from_utf8_lossy(&reason).trim_end(),
-    )
 }
 
 async fn answer<F, Fut>(admitted: Result<(), ApiError>, then: F) -> Response

@@ -193,10 +193,13 @@ pub async fn handle(app: &Arc<App>, request: Request<Incoming>, peer: IpAddr) ->
         }
         (Method::GET, "/api/v1/openapi.json") => (Route::OpenApi, Ok(openapi())),
         (method, path) => match path.strip_prefix("/api/v1/urls/") {
-            Some(rest) if method == Method::GET && rest.ends_with("/qr") => {
-                let code = rest.trim_end_matches("/qr");
-                (Route::UrlQr, qr(app, &request, code))
-            }
+            Some(rest) if rest.ends_with("/qr") => match method {
+                Method::GET => {
+                    let code = rest.trim_end_matches("/qr");
+                    (Route::UrlQr, qr(app, &request, code))
+                }
+                _ => (Route::Other, Err(method_not_allowed())),
+            },
             Some(code) if method == Method::GET => (Route::UrlGet, get_url(app, &request, code)),
             Some(code) if method == Method::PATCH => {
                 let code = code.to_owned();

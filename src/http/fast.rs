@@ -249,9 +249,9 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 }
 
 /// Whether `text` may stand in a header value as it is (visible ASCII, spaces and tabs).
-fn header_safe(text: &str) -> bool {
-    text.bytes()
-        .all(|byte| byte == b'\t' || (b' '..=b'~').contains(&byte))
+fn header_safe(text: &[u8]) -> bool {
+    text.iter()
+        .all(|&byte| byte == b'\t' || (b' '..=b'~').contains(&byte))
 }
 
 fn status_line(status: RedirectStatus) -> &'static [u8] {
@@ -278,13 +278,12 @@ fn write_verdict(
         max_age_s,
     } = verdict
     {
-        let parts = redirect::location_parts(long_url, query);
-        if parts.iter().all(|part| header_safe(part)) {
-            out.extend_from_slice(status_line(status));
-            out.extend_from_slice(b"location: ");
-            for part in parts {
-                out.extend_from_slice(part.as_bytes());
-            }
+        let start = out.len();
+        out.extend_from_slice(status_line(status));
+        out.extend_from_slice(b"location: ");
+        let location = out.len();
+        redirect::write_location(out, long_url, query);
+        if header_safe(&out[location..]) {
             out.extend_from_slice(b"\r\ncache-control: ");
             match max_age_s {
                 None => out.extend_from_slice(redirect::CACHE_CONTROL_TEMPORARY.as_bytes()),
@@ -298,6 +297,7 @@ fn write_verdict(
             out.extend_from_slice(b"\r\n");
             return status.code();
         }
+        out.truncate(start);
         return write_error(
             out,
             (head, accepts_json),
@@ -429,7 +429,7 @@ mod tests {
 
     #[test]
     fn header_safety() {
-        assert!(header_safe("https://example.com/a?b=c#d"));
-        assert!(!header_safe("https://example.com/\r\nx: y"));
+        assert!(header_safe(b"https://example.com/a?b=c#d"));
+        assert!(!header_safe(b"https://example.com/\r\nx: y"));
     }
 }

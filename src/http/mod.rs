@@ -301,11 +301,12 @@ pub fn healthz() -> Response {
 /// also while the node lags the stream by more than its bound or its follower failed; a node
 /// cut off from NATS stays ready and serves what it has applied (see [`Readiness`]).
 pub fn readyz(app: &App) -> Response {
-    let unavailable = |reason: String| text(StatusCode::SERVICE_UNAVAILABLE, reason);
+    let unavailable =
+        |reason: String| error_json(StatusCode::SERVICE_UNAVAILABLE, "not_ready", &reason);
     let Some(links) = app.links() else {
         return unavailable(match app.config.cluster {
-            None => "not ready: the store is opening\n".into(),
-            Some(_) => "not ready: joining the cluster (connecting to NATS)\n".into(),
+            None => "not ready: the store is opening".into(),
+            Some(_) => "not ready: joining the cluster (connecting to NATS)".into(),
         });
     };
     let Some(cluster) = links.cluster() else {
@@ -317,15 +318,15 @@ pub fn readyz(app: &App) -> Response {
             StatusCode::OK,
             "ready: not following the link stream right now (NATS unreachable?); serving what was applied, writes fail\n",
         ),
-        Readiness::Starting => unavailable("not ready: subscribing to the link stream\n".into()),
+        Readiness::Starting => unavailable("not ready: subscribing to the link stream".into()),
         Readiness::Lagging {
             lag_records,
             lag_records_max,
         } => unavailable(format!(
-            "not ready: {lag_records} records behind the link stream (the bound is {lag_records_max})\n"
+            "not ready: {lag_records} records behind the link stream (the bound is {lag_records_max})"
         )),
         Readiness::Failed(reason) => {
-            unavailable(format!("not ready: the stream follower stopped: {reason}\n"))
+            unavailable(format!("not ready: the stream follower stopped: {reason}"))
         }
     }
 }

@@ -190,21 +190,37 @@ impl Hints {
     }
 }
 
-/// The parts of a `Location`: the long URL, with the query appended (before any fragment).
-pub fn location_parts<'a>(long_url: LongUrl<'a>, query: Option<&'a str>) -> [&'a str; 5] {
+/// Writes the `Location` of a redirect into `out`: the long URL, with the request's query
+/// appended before any fragment. Bytes of the query that may not stand in a URL as they are
+/// (controls, spaces, non-ASCII) are percent-encoded, so whatever query a client sends, the
+/// answer is a valid `Location` and the same on both paths.
+pub fn write_location(out: &mut Vec<u8>, long_url: LongUrl<'_>, query: Option<&str>) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
     // A scheme prefix holds neither '?' nor '#'.
     let [prefix, rest] = long_url.parts();
-    match query {
-        None => [prefix, rest, "", "", ""],
-        Some(query) => {
-            let (base, fragment) = match rest.find('#') {
-                Some(at) => rest.split_at(at),
-                None => (rest, ""),
-            };
-            let separator = if base.contains('?') { "&" } else { "?" };
-            [prefix, base, separator, query, fragment]
+    out.extend_from_slice(prefix.as_bytes());
+    let Some(query) = query else {
+        out.extend_from_slice(rest.as_bytes());
+        return;
+    };
+    let (base, fragment) = match rest.find('#') {
+        Some(at) => rest.split_at(at),
+        None => (rest, ""),
+    };
+    out.extend_from_slice(base.as_bytes());
+    out.push(if base.contains('?') { b'&' } else { b'?' });
+    for &byte in query.as_bytes() {
+        if (b'!'..=b'~').contains(&byte) {
+            out.push(byte);
+        } else {
+            out.extend_from_slice(&[
+                b'%',
+                HEX[usize::from(byte >> 4)],
+                HEX[usize::from(byte & 15)],
+            ]);
         }
     }
+    out.extend_from_slice(fragment.as_bytes());
 }
 
 /// The `Cache-Control` of a redirect: `public, max-age=N` for permanent ones (shared caches may
@@ -269,8 +285,9 @@ fn render(app: &App, headers: &HeaderMap, verdict: Verdict<'_>) -> Response {
         ));
         return error_for(headers, status, code, message);
     };
-    let location = Bytes::from(location_parts(long_url, query).concat());
-    let Ok(location) = HeaderValue::from_maybe_shared(location) else {
+    let mut location = Vec::with_capacity(long_url.len() + query.map_or(0, str::len) + 2);
+    write_location(&mut location, long_url, query);
+    let Ok(location) = HeaderValue::from_maybe_shared(Bytes::from(location)) else {
         return error_for(
             headers,
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -292,7 +309,11 @@ mod tests {
 
     #[test]
     fn query_goes_before_the_fragment() {
-        let at = |url, query| location_parts(LongUrl::whole(url), query).concat();
+        let at = |url, query| {
+            let mut out = Vec::new();
+            write_location(&mut out, LongUrl::whole(url), query);
+            String::from_utf8(out).expect("ASCII")
+        };
         assert_eq!(at("https://a.example/x", None), "https://a.example/x");
         assert_eq!(
             at("https://a.example/x", Some("q=1")),
@@ -301,6 +322,10 @@ mod tests {
         assert_eq!(
             at("https://a.example/x?a=b#top", Some("q=1")),
             "https://a.example/x?a=b&q=1#top"
+        );
+        assert_eq!(
+            at("https://a.example/x", Some("name=Jürgen&x=a b\r\n")),
+            "https://a.example/x?name=J%C3%BCrgen&x=a%20b%0D%0A"
         );
     }
 }

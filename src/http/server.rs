@@ -17,7 +17,7 @@ use dashmap::DashMap;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::Request;
+use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
@@ -741,10 +741,22 @@ async fn route(
             let path = request.uri().path();
             if path.starts_with("/api/") {
                 api::handle(app, request, peer.ip()).await
-            } else if path == "/healthz" {
-                (Route::Health, super::healthz())
-            } else if path == "/readyz" {
-                (Route::Ready, super::readyz(app))
+            } else if path == "/healthz" || path == "/readyz" {
+                let method = request.method();
+                if method != Method::GET && method != Method::HEAD {
+                    (
+                        Route::Other,
+                        super::error_json(
+                            StatusCode::METHOD_NOT_ALLOWED,
+                            "method_not_allowed",
+                            "this route does not answer that method",
+                        ),
+                    )
+                } else if path == "/healthz" {
+                    (Route::Health, super::healthz())
+                } else {
+                    (Route::Ready, super::readyz(app))
+                }
             } else {
                 (Route::Redirect, redirect::handle(app, &request, peer.ip()))
             }
