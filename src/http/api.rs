@@ -606,7 +606,8 @@ async fn insert(
     let links = app.links().ok_or_else(not_ready)?;
     if let Some(alias) = alias {
         link.code = alias;
-        for _ in 0..BUSY_RETRIES_MAX {
+        let mut attempts = 0;
+        loop {
             match links.create(link.clone()).await {
                 Ok(()) => {
                     return Ok(Inserted {
@@ -614,10 +615,14 @@ async fn insert(
                         reused: false,
                     })
                 }
+                Err(WriteError::Busy(code)) if attempts + 1 == BUSY_RETRIES_MAX => {
+                    return Err(write_failed(WriteError::Busy(code)))
+                }
                 Err(WriteError::Busy(_)) => busy_pause().await,
                 Err(WriteError::CodeTaken(_)) => break,
                 Err(error) => return Err(write_failed(error)),
             }
+            attempts += 1;
         }
         return Err(ApiError {
             extra: Some(("suggested", json!(suggestions(app, &link.code)))),
