@@ -19,11 +19,8 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::{add_key, data_dir, parse_reply, raw, request, KeepAlive, Reply, Server};
@@ -1529,72 +1526,12 @@ fn the_document_matches_the_server_both_ways() {
 
 /// A node that is not ready and stays so: a cluster node whose NATS cannot be reached keeps
 /// joining, its store never opens. Killed when dropped.
-struct Joining {
-    child: Child,
-    public: SocketAddr,
-    admin: SocketAddr,
-}
-
-impl Drop for Joining {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Joining {
-    fn start(dir: &Path) -> Joining {
-        // A port nothing listens on.
-        let unused = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .expect("a free port");
-        let child = common::kurz()
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-            ])
-            .arg("--nats")
-            .arg(format!("nats://{unused}"))
-            .arg("--data-dir")
-            .arg(dir)
-            .env("KURZ_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn kurz serve");
-        // Owned at once, so that a panic below still kills it.
-        let mut node = Joining {
-            child,
-            public: unused,
-            admin: unused,
-        };
-        let stderr = node.child.stderr.take().expect("stderr");
-        let (lines_tx, lines_rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            // Read to the end, so the server never blocks on a full pipe.
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                let _ = lines_tx.send(line);
-            }
-        });
-        let deadline = Instant::now() + common::START_TIMEOUT;
-        loop {
-            let line = lines_rx
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .expect("kurz serve printed no listening line");
-            if let Some(at) = line.find("listening public=") {
-                let rest = &line[at + "listening public=".len()..];
-                let (public, admin) = rest.split_once(" admin=").expect("admin= in line");
-                node.public = public.trim().parse().expect("public addr");
-                node.admin = admin.trim().parse().expect("admin addr");
-                return node;
-            }
-        }
-    }
+fn joining(dir: &Path) -> Server {
+    // A port nothing listens on.
+    let unused = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port");
+    Server::launch(dir, &["--nats", &format!("nats://{unused}")])
 }
 
 /// (listener, method, path, headers, body, status, machine code) of a request and its answer.
@@ -1613,7 +1550,7 @@ fn a_node_that_is_not_ready_answers_as_documented() {
     let dir = data_dir();
     let key = add_key(dir.path(), "writer", "write");
     let admin_key = add_key(dir.path(), "root", "admin");
-    let node = Joining::start(dir.path());
+    let node = joining(dir.path());
     let mut audit = Audit::new(Doc::fetch(node.public));
     let with_key = [("X-API-Key", key.as_str()), JSON, ACCEPT_JSON];
     let with_admin_key = [("X-API-Key", admin_key.as_str())];
