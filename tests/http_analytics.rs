@@ -283,18 +283,7 @@ fn both_database_layouts_are_read() {
 #[test]
 fn a_missing_geoip_database_stops_start_up_with_its_name() {
     let dir = data_dir();
-    let output = common::kurz()
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--geoip-db",
-            "/nonexistent/countries.mmdb",
-            "--data-dir",
-        ])
-        .arg(dir.path())
+    let output = common::serve_command(dir.path(), &["--geoip-db", "/nonexistent/countries.mmdb"])
         .output()
         .expect("run kurz");
     assert!(!output.status.success());

@@ -1096,17 +1096,7 @@ fn script_and_data_urls_are_refused_end_to_end() {
 
     // An operator cannot allow them either.
     for schemes in ["http,https,vbscript", "http,https,data", "https,JavaScript"] {
-        let mut serve = common::kurz();
-        serve
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-            ])
-            .args(["--url-schemes", schemes, "--data-dir"])
-            .arg(dir.path());
+        let serve = common::serve_command(dir.path(), &["--url-schemes", schemes]);
         let refused = common::output_within_start_timeout(serve);
         let stderr = String::from_utf8_lossy(&refused.stderr);
         assert_eq!(refused.status.code(), Some(2), "{schemes}: {stderr}");

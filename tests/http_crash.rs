@@ -572,16 +572,7 @@ fn a_1_mb_url_in_a_json_body_is_413_and_the_server_keeps_serving() {
 fn a_second_server_on_the_same_data_dir_refuses_to_start() {
     let dir = data_dir();
     let _first = Server::start(dir.path(), &[]);
-    let second = common::kurz()
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(dir.path())
+    let second = common::serve_command(dir.path(), &[])
         .output()
         .expect("run a second kurz serve");
     assert_eq!(second.status.code(), Some(2));

@@ -63,6 +63,23 @@ pub fn add_key(dir: &Path, name: &str, scope: &str) -> String {
     stdout.lines().last().expect("key line").trim().to_owned()
 }
 
+/// `kurz serve` on `dir` with ephemeral ports on loopback, plus `extra` flags.
+pub fn serve_command(dir: &Path, extra: &[&str]) -> Command {
+    let mut command = kurz();
+    command
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(dir)
+        .args(extra);
+    command
+}
+
 /// A running `kurz serve`, killed when dropped.
 pub struct Server {
     child: Child,
@@ -84,17 +101,7 @@ impl Server {
     /// Starts `kurz serve` like [`Server::start`] but returns as soon as it listens, before its
     /// store is open.
     pub fn launch(dir: &Path, extra: &[&str]) -> Server {
-        let mut child = kurz()
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-            ])
-            .arg("--data-dir")
-            .arg(dir)
-            .args(extra)
+        let mut child = serve_command(dir, extra)
             .env("KURZ_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
