@@ -216,6 +216,23 @@ fn malformed_requests_get_4xx_and_the_server_keeps_serving() {
     .expect("headers");
     assert_eq!(status_of(&reply), 431);
 
+    // What hyper refused itself is counted like every other answer.
+    let metrics = request(server.admin, "GET", "/metrics", &[], b"").text();
+    let counted = |status: &str| {
+        metrics
+            .lines()
+            .find(|line| {
+                line.starts_with("kurz_http_requests_total{")
+                    && line.contains("route=\"other\"")
+                    && line.contains(&format!("status=\"{status}\""))
+            })
+            .and_then(|line| line.rsplit(' ').next())
+            .and_then(|value| value.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert!(counted("400") >= 1, "{metrics}");
+    assert!(counted("431") >= 2, "{metrics}");
+
     // A client that never finishes its headers is cut off after the header-read timeout (300
     // ms): not before it, and within the IO timeout after it.
     let started = Instant::now();

@@ -702,6 +702,7 @@ where
 {
     let timeout_header_read = Duration::from_millis(app.config.timeout_header_read_ms);
     let io = WriteDeadline::new(io, Duration::from_millis(app.config.timeout_write_ms));
+    let counted = app.clone();
     let service = service_fn(move |request: Request<Incoming>| {
         let app = app.clone();
         async move { Ok::<_, Infallible>(route(&app, request, peer, kind).await) }
@@ -717,6 +718,7 @@ where
     tokio::select! {
         result = connection.as_mut() => {
             if let Err(error) = result {
+                count_protocol_error(&counted, &error);
                 tracing::debug!("connection {peer}: {error}");
             }
         }
@@ -726,6 +728,16 @@ where
                 tracing::debug!("connection {peer} during shutdown: {error}");
             }
         }
+    }
+}
+
+/// Counts a request hyper refused before any route saw it: it answers a head it cannot parse
+/// with 400, and one too large with 431, itself.
+fn count_protocol_error(app: &App, error: &hyper::Error) {
+    if error.is_parse_too_large() {
+        app.metrics.request(Route::Other, 431);
+    } else if error.is_parse() {
+        app.metrics.request(Route::Other, 400);
     }
 }
 
