@@ -7,18 +7,22 @@
 //! store so the WAL is flushed. Never answers a request itself beyond routing.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
 use dashmap::DashMap;
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper::{Method, Request, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 
@@ -631,7 +635,7 @@ async fn accept_loop(
         }
         let app = app.clone();
         open.spawn(&runtime, permit, move |stop| async move {
-            serve_hyper(stream, peer, app, kind, &stop).await;
+            serve_hyper(stream, Bytes::new(), peer, app, kind, &stop).await;
         });
     }
     drop(listener);
@@ -667,8 +671,7 @@ fn lean_options(app: &Arc<App>, open: &Arc<Connections>) -> LoopOptions {
                     }
                 };
                 if unsent.is_empty() || fast::write_all(&mut stream, &unsent, timeout).await {
-                    let io = fast::Prefixed::new(prefix, stream);
-                    serve_hyper(io, peer, app, Listener::Public, &stop).await;
+                    serve_hyper(stream, prefix, peer, app, Listener::Public, &stop).await;
                 }
             });
         }),
@@ -696,34 +699,113 @@ async fn lean_listener(
     open.close_all(grace, Listener::Public).await;
 }
 
-async fn serve_hyper<I>(io: I, peer: SocketAddr, app: Arc<App>, kind: Listener, stop: &Notify)
-where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
+/// The client preface of HTTP/2 with prior knowledge (h2c, RFC 9113 section 3.3).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether the client speaks HTTP/2: reads into `head` (what was read of the connection so far)
+/// until it holds the whole HTTP/2 preface or departs from it. None when the client closes, or
+/// says too little to tell within `within`.
+async fn speaks_h2(stream: &mut TcpStream, head: &mut BytesMut, within: Duration) -> Option<bool> {
+    let sniff = async {
+        loop {
+            let seen = head.len().min(H2_PREFACE.len());
+            if head[..seen] != H2_PREFACE[..seen] {
+                return Some(false);
+            }
+            if seen == H2_PREFACE.len() {
+                return Some(true);
+            }
+            match stream.read_buf(head).await {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(within, sniff).await.ok().flatten()
+}
+
+/// Serves a connection with hyper, HTTP/1.1 or (when it opens with the HTTP/2 preface) h2c;
+/// `prefix` is what was already read of it.
+async fn serve_hyper(
+    mut stream: TcpStream,
+    prefix: Bytes,
+    peer: SocketAddr,
+    app: Arc<App>,
+    kind: Listener,
+    stop: &Notify,
+) {
     let timeout_header_read = Duration::from_millis(app.config.timeout_header_read_ms);
-    let io = WriteDeadline::new(io, Duration::from_millis(app.config.timeout_write_ms));
+    let mut head = BytesMut::from(prefix.as_ref());
+    let h2 = tokio::select! {
+        h2 = speaks_h2(&mut stream, &mut head, timeout_header_read) => h2,
+        () = stop.notified() => return,
+    };
+    let Some(h2) = h2 else {
+        return;
+    };
+    let io = fast::Prefixed::new(head.freeze(), stream);
+    let io = TokioIo::new(WriteDeadline::new(
+        io,
+        Duration::from_millis(app.config.timeout_write_ms),
+    ));
     let counted = app.clone();
     let service = service_fn(move |request: Request<Incoming>| {
         let app = app.clone();
         async move { Ok::<_, Infallible>(route(&app, request, peer, kind).await) }
     });
-    let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(timeout_header_read)
-        .max_buf_size(REQUEST_HEAD_BYTES_MAX.max(8192))
-        .max_headers(REQUEST_HEADERS_MAX);
-    let connection = builder.serve_connection(TokioIo::new(io), service);
+    if h2 {
+        let mut builder = http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .max_header_list_size(REQUEST_HEAD_BYTES_MAX as u32)
+            .keep_alive_interval(timeout_header_read)
+            .keep_alive_timeout(timeout_header_read);
+        let connection = builder.serve_connection(io, service);
+        drive(
+            connection,
+            |c| c.graceful_shutdown(),
+            stop,
+            (peer, &counted),
+        )
+        .await;
+    } else {
+        let mut builder = http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(timeout_header_read)
+            .max_buf_size(REQUEST_HEAD_BYTES_MAX.max(8192))
+            .max_headers(REQUEST_HEADERS_MAX);
+        let connection = builder.serve_connection(io, service);
+        drive(
+            connection,
+            |c| c.graceful_shutdown(),
+            stop,
+            (peer, &counted),
+        )
+        .await;
+    }
+}
+
+/// Runs a hyper connection to its end, or until `stop`, then shuts it down gracefully
+/// (requests in flight finish).
+async fn drive<C>(
+    connection: C,
+    graceful_shutdown: impl FnOnce(Pin<&mut C>),
+    stop: &Notify,
+    (peer, app): (SocketAddr, &App),
+) where
+    C: Future<Output = Result<(), hyper::Error>>,
+{
     tokio::pin!(connection);
     tokio::select! {
         result = connection.as_mut() => {
             if let Err(error) = result {
-                count_protocol_error(&counted, &error);
+                count_protocol_error(app, &error);
                 tracing::debug!("connection {peer}: {error}");
             }
         }
         () = stop.notified() => {
-            connection.as_mut().graceful_shutdown();
+            graceful_shutdown(connection.as_mut());
             if let Err(error) = connection.await {
                 tracing::debug!("connection {peer} during shutdown: {error}");
             }
