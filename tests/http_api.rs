@@ -815,6 +815,50 @@ fn per_ip_limits_follow_x_forwarded_for_only_from_trusted_proxies() {
 }
 
 #[test]
+fn a_key_is_not_charged_for_a_create_its_address_was_refused() {
+    let dir = data_dir();
+    let first = add_key(dir.path(), "first", "write");
+    let second = add_key(dir.path(), "second", "write");
+    let server = Server::start(
+        dir.path(),
+        &[
+            "--rate-limit-burst",
+            "2",
+            "--rate-limit-per-s",
+            "0.01",
+            "--trusted-proxies",
+            "127.0.0.1",
+        ],
+    );
+    let create = |key: &str, forwarded_for: &str| {
+        let auth = format!("Bearer {key}");
+        request(
+            server.public,
+            "POST",
+            "/api/v1/shorten",
+            &[
+                ("Authorization", &auth),
+                ("Content-Type", "application/json"),
+                ("X-Forwarded-For", forwarded_for),
+            ],
+            br#"{"long_url":"https://example.com/limited"}"#,
+        )
+        .status
+    };
+    // The first key empties the address's bucket; the second key, from there, is refused.
+    assert_eq!(create(&first, "203.0.113.1"), 201);
+    assert_eq!(create(&first, "203.0.113.1"), 201);
+    for _ in 0..3 {
+        assert_eq!(create(&second, "203.0.113.1"), 429);
+    }
+    // Those refusals took nothing from the second key's own bucket: from another address it
+    // still has its whole burst.
+    assert_eq!(create(&second, "198.51.100.7"), 201);
+    assert_eq!(create(&second, "198.51.100.7"), 201);
+    assert_eq!(create(&second, "198.51.100.7"), 429);
+}
+
+#[test]
 fn blocklist_and_private_addresses_are_refused() {
     let dir = data_dir();
     let key = add_key(dir.path(), "writer", "write");

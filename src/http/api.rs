@@ -334,14 +334,22 @@ fn rate_limit(app: &App, principal: &Principal, peer: IpAddr, cost: u32) -> Resu
             format!("too many links created; retry in {retry_after_s} s"),
         )
     };
-    if let Principal::Key { name, .. } = principal {
-        app.limiter
-            .take(&format!("key:{name}"), cost)
-            .map_err(rate_limited)?;
+    let key_bucket = match principal {
+        Principal::Key { name, .. } => Some(format!("key:{name}")),
+        Principal::Anonymous => None,
+    };
+    if let Some(bucket) = &key_bucket {
+        app.limiter.take(bucket, cost).map_err(rate_limited)?;
     }
     app.limiter
         .take(&format!("ip:{peer}"), cost)
-        .map_err(rate_limited)
+        .map_err(|retry_after_s| {
+            // Refused by the address's bucket: the key did not create anything either.
+            if let Some(bucket) = &key_bucket {
+                app.limiter.refund(bucket, cost);
+            }
+            rate_limited(retry_after_s)
+        })
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -78,6 +78,16 @@ impl RateLimiter {
         }
     }
 
+    /// Gives back `cost` tokens that [`Self::take`] took from the bucket `name` for a request
+    /// another bucket then refused (never above the burst).
+    pub fn refund(&self, name: &str, cost: u32) {
+        if let Some(entry) = self.buckets.get(name) {
+            if let Ok(mut bucket) = entry.lock() {
+                bucket.tokens = (bucket.tokens + f64::from(cost)).min(self.burst);
+            }
+        }
+    }
+
     /// Drops idle buckets, at most once per [`SWEEP_INTERVAL_MS`]; true if there is room now.
     fn sweep(&self, now: Instant) -> bool {
         let now_ms = now.saturating_duration_since(self.started).as_millis() as u64;
@@ -119,6 +129,21 @@ mod tests {
         assert_eq!(limiter.take("b", 1), Ok(()));
         assert_eq!(limiter.take("c", 2), Ok(()));
         assert_eq!(limiter.take("c", 3), Err(2));
+    }
+
+    #[test]
+    fn a_refund_gives_back_what_was_taken_up_to_the_burst() {
+        let limiter = RateLimiter::new(0.001, 3);
+        assert_eq!(limiter.take("key", 3), Ok(()));
+        assert_eq!(limiter.take("key", 1), Err(1000));
+        limiter.refund("key", 2);
+        assert_eq!(limiter.take("key", 2), Ok(()));
+        assert_eq!(limiter.take("key", 1), Err(1000));
+        limiter.refund("key", 10);
+        assert_eq!(limiter.take("key", 3), Ok(()), "refilled to the burst");
+        assert_eq!(limiter.take("key", 1), Err(1000), "not above it");
+        limiter.refund("unknown", 1);
+        assert!(limiter.buckets.get("unknown").is_none());
     }
 
     #[test]
