@@ -158,3 +158,59 @@ fn a_client_that_stops_inside_the_preface_is_cut_off() {
         assert!(said.is_empty(), "{}", String::from_utf8_lossy(&said));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_h2c_connection_is_closed_and_a_busy_one_is_not() {
+    let dir = data_dir();
+    sample_links(dir.path());
+    let server = tokio::task::spawn_blocking({
+        let dir = dir.path().to_owned();
+        move || Server::start(&dir, &["--timeout-header-read-ms", "400"])
+    })
+    .await
+    .expect("start");
+    for addr in [server.public, server.admin] {
+        let connect = || async move {
+            let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let (sender, connection) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .expect("h2 handshake");
+            (sender, tokio::spawn(connection))
+        };
+        let ask = |mut sender: http2::SendRequest<Full<Bytes>>| async move {
+            let request = Request::get(format!("http://{addr}/healthz"))
+                .body(Full::new(Bytes::new()))
+                .expect("request");
+            let status = sender.send_request(request).await.expect("answer").status();
+            assert_eq!(status, 200);
+        };
+
+        // Busy: a request every 100 ms for 1.2 s (three times the limit) keeps it open.
+        let (busy, busy_connection) = connect().await;
+        for _ in 0..12 {
+            ask(busy.clone()).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            !busy_connection.is_finished(),
+            "a busy connection was closed"
+        );
+
+        // Idle after one request: closed by the server, not before the limit.
+        let (idle, idle_connection) = connect().await;
+        let started = Instant::now();
+        // The sender stays alive: a client whose senders are all gone closes the connection itself.
+        ask(idle.clone()).await;
+        tokio::time::timeout(Duration::from_secs(10), idle_connection)
+            .await
+            .expect("an idle h2c connection is never closed")
+            .expect("join")
+            .expect("closed cleanly");
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(400),
+            "closed after {waited:?}"
+        );
+        drop(idle);
+    }
+}

@@ -11,9 +11,9 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use dashmap::DashMap;
@@ -749,9 +749,15 @@ async fn serve_hyper(
         Duration::from_millis(app.config.timeout_write_ms),
     ));
     let counted = app.clone();
+    let activity = Arc::new(Activity::new());
+    let watched = activity.clone();
     let service = service_fn(move |request: Request<Incoming>| {
         let app = app.clone();
-        async move { Ok::<_, Infallible>(route(&app, request, peer, kind).await) }
+        let activity = activity.clone();
+        async move {
+            let _busy = activity.begin();
+            Ok::<_, Infallible>(route(&app, request, peer, kind).await)
+        }
     });
     if h2 {
         let mut builder = http2::Builder::new(TokioExecutor::new());
@@ -761,10 +767,14 @@ async fn serve_hyper(
             .keep_alive_interval(timeout_header_read)
             .keep_alive_timeout(timeout_header_read);
         let connection = builder.serve_connection(io, service);
+        // HTTP/2 has no idle timeout in hyper: the connection is closed here when no request
+        // has been in flight for as long as an HTTP/1.1 keep-alive connection may idle.
+        let idle = Some((&*watched, timeout_header_read));
+        let ends = (stop, idle);
         drive(
             connection,
             |c| c.graceful_shutdown(),
-            stop,
+            ends,
             (peer, &counted),
         )
         .await;
@@ -776,40 +786,99 @@ async fn serve_hyper(
             .max_buf_size(REQUEST_HEAD_BYTES_MAX.max(8192))
             .max_headers(REQUEST_HEADERS_MAX);
         let connection = builder.serve_connection(io, service);
+        let ends = (stop, None);
         drive(
             connection,
             |c| c.graceful_shutdown(),
-            stop,
+            ends,
             (peer, &counted),
         )
         .await;
     }
 }
 
-/// Runs a hyper connection to its end, or until `stop`, then shuts it down gracefully
-/// (requests in flight finish).
+/// Requests in flight on a hyper connection, and since when it has had none.
+struct Activity {
+    started: Instant,
+    in_flight: AtomicUsize,
+    /// Milliseconds after `started` when the last request ended.
+    idle_since_ms: AtomicU64,
+}
+
+/// A request in flight; ends it when dropped.
+struct Busy<'a>(&'a Activity);
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            started: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            idle_since_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn begin(&self) -> Busy<'_> {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        Busy(self)
+    }
+
+    /// Whether no request has been in flight for `limit`.
+    fn idle_for(&self, limit: Duration) -> bool {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return false;
+        }
+        let since = Duration::from_millis(self.idle_since_ms.load(Ordering::Acquire));
+        self.started.elapsed().saturating_sub(since) >= limit
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        let now_ms = self.0.started.elapsed().as_millis() as u64;
+        self.0.idle_since_ms.store(now_ms, Ordering::Release);
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Runs a hyper connection to its end, until `stop`, or (with `idle`) until no request has been
+/// in flight for its limit; then shuts it down gracefully (requests in flight finish).
 async fn drive<C>(
     connection: C,
     graceful_shutdown: impl FnOnce(Pin<&mut C>),
-    stop: &Notify,
+    (stop, idle): (&Notify, Option<(&Activity, Duration)>),
     (peer, app): (SocketAddr, &App),
 ) where
     C: Future<Output = Result<(), hyper::Error>>,
 {
     tokio::pin!(connection);
-    tokio::select! {
-        result = connection.as_mut() => {
-            if let Err(error) = result {
-                count_protocol_error(app, &error);
-                tracing::debug!("connection {peer}: {error}");
+    let (activity, limit) = match idle {
+        Some((activity, limit)) => (Some(activity), limit),
+        None => (None, Duration::MAX),
+    };
+    // Checked a few times per limit, so an idle connection goes within 1.25 limits.
+    let mut check = tokio::time::interval(
+        (limit / 4).clamp(Duration::from_millis(10), Duration::from_secs(3600)),
+    );
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(error) = result {
+                    count_protocol_error(app, &error);
+                    tracing::debug!("connection {peer}: {error}");
+                }
+                return;
+            }
+            () = stop.notified() => break,
+            _ = check.tick(), if activity.is_some() => {
+                if activity.is_some_and(|activity| activity.idle_for(limit)) {
+                    break;
+                }
             }
         }
-        () = stop.notified() => {
-            graceful_shutdown(connection.as_mut());
-            if let Err(error) = connection.await {
-                tracing::debug!("connection {peer} during shutdown: {error}");
-            }
-        }
+    }
+    graceful_shutdown(connection.as_mut());
+    if let Err(error) = connection.await {
+        tracing::debug!("connection {peer} during shutdown: {error}");
     }
 }
 
