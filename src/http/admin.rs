@@ -45,11 +45,7 @@ pub async fn handle<B>(app: &Arc<App>, request: &Request<B>) -> (Route, Response
         ),
         (_, "/healthz" | "/readyz" | "/metrics" | "/admin/snapshot" | "/admin/reload" | "/admin/info") => (
             Route::Other,
-            super::error_json(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "this route does not answer that method",
-            ),
+            super::method_not_allowed(),
         ),
         _ => (
             Route::Other,

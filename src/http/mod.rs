@@ -283,6 +283,15 @@ pub fn error_json(status: StatusCode, code: &str, message: &str) -> Response {
     )
 }
 
+/// The 405 of a route that exists but does not answer the request's method.
+pub fn method_not_allowed() -> Response {
+    error_json(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not answer that method",
+    )
+}
+
 /// An error as JSON when the client accepts it, else as text.
 pub fn error_for(headers: &HeaderMap, status: StatusCode, code: &str, message: &str) -> Response {
     if accepts_json(headers) {

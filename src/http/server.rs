@@ -20,7 +20,7 @@ use dashmap::DashMap;
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper::{Method, Request, StatusCode};
+use hyper::{Method, Request};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -749,16 +749,19 @@ async fn serve_hyper(
         Duration::from_millis(app.config.timeout_write_ms),
     ));
     let counted = app.clone();
-    let activity = Arc::new(Activity::new());
+    // HTTP/2 has no idle timeout in hyper: an h2c connection is watched here and closed when no
+    // request has been in flight for as long as an HTTP/1.1 keep-alive connection may idle.
+    let activity = h2.then(|| Arc::new(Activity::new()));
     let watched = activity.clone();
     let service = service_fn(move |request: Request<Incoming>| {
         let app = app.clone();
         let activity = activity.clone();
         async move {
-            let _busy = activity.begin();
+            let _busy = activity.as_deref().map(Activity::begin);
             Ok::<_, Infallible>(route(&app, request, peer, kind).await)
         }
     });
+    let ends = (stop, watched.as_deref().map(|a| (a, timeout_header_read)));
     if h2 {
         let mut builder = http2::Builder::new(TokioExecutor::new());
         builder
@@ -767,10 +770,6 @@ async fn serve_hyper(
             .keep_alive_interval(timeout_header_read)
             .keep_alive_timeout(timeout_header_read);
         let connection = builder.serve_connection(io, service);
-        // HTTP/2 has no idle timeout in hyper: the connection is closed here when no request
-        // has been in flight for as long as an HTTP/1.1 keep-alive connection may idle.
-        let idle = Some((&*watched, timeout_header_read));
-        let ends = (stop, idle);
         drive(
             connection,
             |c| c.graceful_shutdown(),
@@ -786,7 +785,6 @@ async fn serve_hyper(
             .max_buf_size(REQUEST_HEAD_BYTES_MAX.max(8192))
             .max_headers(REQUEST_HEADERS_MAX);
         let connection = builder.serve_connection(io, service);
-        let ends = (stop, None);
         drive(
             connection,
             |c| c.graceful_shutdown(),
@@ -851,15 +849,18 @@ async fn drive<C>(
     C: Future<Output = Result<(), hyper::Error>>,
 {
     tokio::pin!(connection);
-    let (activity, limit) = match idle {
-        Some((activity, limit)) => (Some(activity), limit),
-        None => (None, Duration::MAX),
-    };
-    // Checked a few times per limit, so an idle connection goes within 1.25 limits.
-    let mut check = tokio::time::interval(
-        (limit / 4).clamp(Duration::from_millis(10), Duration::from_secs(3600)),
-    );
+    // Checked four times per limit, so an idle connection goes within 1.25 limits.
+    let mut check =
+        idle.map(|(_, limit)| tokio::time::interval((limit / 4).max(Duration::from_millis(10))));
     loop {
+        let tick = async {
+            match check.as_mut() {
+                Some(check) => {
+                    check.tick().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             result = connection.as_mut() => {
                 if let Err(error) = result {
@@ -869,8 +870,8 @@ async fn drive<C>(
                 return;
             }
             () = stop.notified() => break,
-            _ = check.tick(), if activity.is_some() => {
-                if activity.is_some_and(|activity| activity.idle_for(limit)) {
+            () = tick => {
+                if idle.is_some_and(|(activity, limit)| activity.idle_for(limit)) {
                     break;
                 }
             }
@@ -907,14 +908,7 @@ async fn route(
             } else if path == "/healthz" || path == "/readyz" {
                 let method = request.method();
                 if method != Method::GET && method != Method::HEAD {
-                    (
-                        Route::Other,
-                        super::error_json(
-                            StatusCode::METHOD_NOT_ALLOWED,
-                            "method_not_allowed",
-                            "this route does not answer that method",
-                        ),
-                    )
+                    (Route::Other, super::method_not_allowed())
                 } else if path == "/healthz" {
                     (Route::Health, super::healthz())
                 } else {
