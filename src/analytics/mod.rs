@@ -248,11 +248,16 @@ const COUNTER_SHARDS: usize = 1024;
 pub struct CountHints(arc_swap::Guard<Option<Arc<DenseCounts>>>);
 
 impl CountHints {
-    /// Starts loading, into the CPU's cache, the count of the snapshot link in table `slot`, for
-    /// a click about to be recorded.
+    /// Starts loading, into the CPU's cache, the count of the snapshot link in table `slot` and
+    /// the word of its changed bit, for a click about to be recorded (both are written by it).
     pub fn prefetch(&self, slot: usize) {
-        if let Some(cell) = self.0.as_ref().and_then(|dense| dense.cells.get(slot)) {
-            crate::prefetch::prefetch(cell);
+        if let Some(dense) = self.0.as_ref() {
+            if let Some(cell) = dense.cells.get(slot) {
+                crate::prefetch::prefetch(cell);
+            }
+            if let Some(word) = dense.changed.get(slot / 64) {
+                crate::prefetch::prefetch(word);
+            }
         }
     }
 }
