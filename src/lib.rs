@@ -2,6 +2,8 @@
 //!
 //! The crate map, one line per module (see README.md, "Architecture", for how they fit):
 
+/// The memory allocator's housekeeping: freed memory back to the OS after a large build.
+pub mod allocator;
 /// Click counts and caps, and the analytics pipeline (referrers, countries, user agents, bots).
 pub mod analytics;
 /// API keys: the hashed keys file and `kurz keys`.

@@ -187,6 +187,33 @@ fn import_row(
     Ok(())
 }
 
+/// Rows an import reads before it sizes the builder for the whole input from them.
+const SIZING_SAMPLE_ROWS: u64 = 4096;
+
+/// Sizes a builder for an input of known length from what its first rows added.
+struct InputSizing {
+    /// The builder's record bytes before the input's first row (the store's own links).
+    text_bytes_before: usize,
+    total_bytes: u64,
+}
+
+impl InputSizing {
+    /// Reserves room for the rest of the input, taking the `links` and record bytes its first
+    /// `read_bytes` added as typical, plus a tenth: the builder then grows once, not by
+    /// doublings that copy it all and hold it twice for a moment.
+    fn reserve_rest(&self, builder: &mut SnapshotBuilder, links: u64, read_bytes: u64) {
+        if read_bytes == 0 {
+            return;
+        }
+        let rest = self.total_bytes.saturating_sub(read_bytes) as f64 / read_bytes as f64 * 1.1;
+        let text_bytes = builder.text_bytes().saturating_sub(self.text_bytes_before);
+        builder.reserve(
+            (links as f64 * rest) as usize,
+            (text_bytes as f64 * rest) as usize,
+        );
+    }
+}
+
 fn progress_bar(options: &ImportOptions, total_bytes: u64) -> ProgressBar {
     if !options.progress {
         return ProgressBar::hidden();
@@ -230,10 +257,17 @@ pub fn import(
     }
     let snapshot = store.snapshot_with(|builder| {
         let input = BufReader::with_capacity(READ_BUFFER_BYTES, file);
+        let sizing = InputSizing {
+            text_bytes_before: builder.text_bytes(),
+            total_bytes,
+        };
         rows::for_each_row(format, input, |line, row, bytes_read| {
             let outcome = row.and_then(|row| import_row(builder, &mut tally, options, now, row));
             if let Err(reason) = outcome {
                 tally.reject(line, reason);
+            }
+            if line == SIZING_SAMPLE_ROWS {
+                sizing.reserve_rest(builder, tally.imported, bytes_read);
             }
             if line % 65_536 == 0 {
                 bar.set_position(bytes_read);

@@ -530,9 +530,13 @@ impl Store {
     ) -> Result<(SnapshotHeader, usize), E> {
         let old = self.shared.snapshot.load_full();
         let overlay_links = self.shared.overlay.committed_links();
+        let overlay_text_bytes: usize = overlay_links
+            .iter()
+            .map(|(link, _)| SnapshotBuilder::record_bytes_max(&link.view()))
+            .sum();
         let mut builder = SnapshotBuilder::with_capacity(
             old.header().link_count as usize + overlay_links.len(),
-            0,
+            old.text_bytes() + overlay_text_bytes,
         );
         for (link, _) in &overlay_links {
             builder.add(link.view()).map_err(StoreError::from)?;
@@ -554,6 +558,9 @@ impl Store {
         let header = builder
             .write(&path, covered_seq)
             .map_err(StoreError::from)?;
+        // The builder is gone: its memory goes back before the file it wrote is mapped and
+        // read, or the process holds both (2.07 GB instead of 1.16 GB importing 10M links).
+        crate::allocator::release_freed_memory();
         let fresh = Snapshot::open(&path).map_err(StoreError::from)?;
         self.shared.snapshot.store(Arc::new(fresh));
         self.shared

@@ -364,12 +364,33 @@ impl SnapshotBuilder {
         }
     }
 
+    /// Makes room for `links` more links holding `text_bytes` more bytes of records, so that
+    /// a builder filled from a source of known size grows its buffers and its index once
+    /// instead of doubling them as it goes (each doubling copies everything so far and holds it
+    /// twice for a moment).
+    pub fn reserve(&mut self, links: usize, text_bytes: usize) {
+        self.entries.reserve(links);
+        self.text.reserve(text_bytes);
+        let entries = &self.entries;
+        self.index.reserve(links, |&id| entries[id as usize].hash);
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// Bytes of records added so far.
+    pub fn text_bytes(&self) -> usize {
+        self.text.len()
+    }
+
+    /// The most bytes of records that adding `link` takes.
+    pub fn record_bytes_max(link: &LinkView<'_>) -> usize {
+        RECORD_HEADER_BYTES + link.code.len() + 1 + link.long_url.len()
     }
 
     /// Links added that are not tombstones.
@@ -695,6 +716,11 @@ impl Snapshot {
     /// Slots in the table: every [`Self::lookup_slot`] slot is below this.
     pub fn slot_count(&self) -> usize {
         self.slot_count
+    }
+
+    /// Bytes of the records of every link in the file.
+    pub fn text_bytes(&self) -> usize {
+        self.body().text.len()
     }
 
     /// Finds `code` with one probe sequence into the mapped table.
