@@ -406,6 +406,7 @@ impl ClickCounters {
             return;
         }
         let fresh = Arc::new(DenseCounts::new(snapshot));
+        let moved = current.is_some();
         if let Some(old) = current {
             self.retiring.store(Some(old.clone()));
             self.dense.store(None);
@@ -420,6 +421,11 @@ impl ClickCounters {
         self.dense.store(Some(fresh.clone()));
         self.retiring.store(None);
         self.fold_keyed(&fresh);
+        if moved {
+            // The old counts (8 bytes a slot of the old table) are gone: their memory goes back
+            // to the OS now, not whenever the allocator next tidies this thread's heap.
+            crate::allocator::release_freed_memory();
+        }
     }
 
     /// Moves every count of `old` to its code's slot in `fresh`, or to the keyed map for a
