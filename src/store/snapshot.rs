@@ -367,12 +367,17 @@ impl SnapshotBuilder {
     /// Makes room for `links` more links holding `text_bytes` more bytes of records, so that
     /// a builder filled from a source of known size grows its buffers and its index once
     /// instead of doubling them as it goes (each doubling copies everything so far and holds it
-    /// twice for a moment).
+    /// twice for a moment). Only a hint, usually an estimate: when the memory cannot be had,
+    /// nothing is reserved and the builder grows as it goes.
     pub fn reserve(&mut self, links: usize, text_bytes: usize) {
-        self.entries.reserve(links);
-        self.text.reserve(text_bytes);
+        if self.entries.try_reserve(links).is_err() || self.text.try_reserve(text_bytes).is_err() {
+            return;
+        }
         let entries = &self.entries;
-        self.index.reserve(links, |&id| entries[id as usize].hash);
+        // Failing, it leaves the index as it was, to grow as links come.
+        let _ = self
+            .index
+            .try_reserve(links, |&id| entries[id as usize].hash);
     }
 
     pub fn len(&self) -> usize {
@@ -964,6 +969,34 @@ mod tests {
         assert_eq!(snapshot.lookup("c5000"), None);
         assert_eq!(snapshot.lookup("nope"), None);
         assert_eq!(snapshot.iter().count(), 5000);
+    }
+
+    #[test]
+    fn a_reservation_is_a_hint_that_cannot_fail_the_build() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("snapshot.kurz");
+        let mut builder = SnapshotBuilder::default();
+        builder
+            .add(link("first", "https://example.com/1").view())
+            .expect("add");
+        // Far more than any machine has: refused, and the builder goes on as before.
+        builder.reserve(usize::MAX / 4, usize::MAX / 4);
+        builder.reserve(1000, 64_000);
+        for i in 0..2000 {
+            let code = format!("c{i}");
+            builder
+                .add(link(&code, &format!("https://example.com/{i}")).view())
+                .expect("add");
+        }
+        builder.write(&path, 1).expect("write");
+        let snapshot = Snapshot::open(&path).expect("open");
+        assert_eq!(snapshot.header().link_count, 2001);
+        assert_eq!(
+            snapshot
+                .lookup("c1999")
+                .map(|view| view.long_url.to_string()),
+            Some("https://example.com/1999".to_owned())
+        );
     }
 
     #[test]
