@@ -185,7 +185,7 @@ impl DenseCounts {
     }
 
     fn slot_of(&self, code: &str) -> Option<usize> {
-        self.snapshot.lookup_slot(code).map(|(slot, _)| slot)
+        self.snapshot.slot_of(code)
     }
 
     fn stats_at(&self, slot: usize) -> ClickStats {
@@ -529,8 +529,19 @@ impl ClickCounters {
             Err(error) => return Err(read_error(error)),
         };
         let mut restored = 0;
-        for (index, line) in BufReader::new(file).split(b'\n').enumerate() {
-            let line = line.map_err(read_error)?;
+        let mut input = BufReader::new(file);
+        let mut line = Vec::new();
+        // Restoring runs before redirects start, so only this restore adds to the keyed map
+        // once it was found empty; while it is, no line needs to look there.
+        let mut keyed_may_hold = !self.keyed.is_empty();
+        for index in 0.. {
+            line.clear();
+            if input.read_until(b'\n', &mut line).map_err(read_error)? == 0 {
+                break;
+            }
+            if line.last() == Some(&b'\n') {
+                line.pop();
+            }
             if line.is_empty() || line.starts_with(b"#") {
                 continue;
             }
@@ -563,7 +574,9 @@ impl ClickCounters {
                 .ok()
                 .filter(|clicks| *clicks <= DENSE_CLICKS_MAX);
             match (dense_cell, dense_clicks) {
-                (Some(cell), Some(clicks)) if !self.keyed.contains_key(code) => {
+                (Some(cell), Some(clicks))
+                    if !(keyed_may_hold && self.keyed.contains_key(code)) =>
+                {
                     cell.clicks.fetch_max(clicks, Ordering::SeqCst);
                     cell.raise_last_clicked(last_clicked_at_s);
                 }
@@ -574,6 +587,7 @@ impl ClickCounters {
                         total.last_clicked_at_s =
                             total.last_clicked_at_s.max(held.last_clicked_at_s);
                     }
+                    keyed_may_hold = true;
                     let cell = self.keyed.entry(code.into()).or_default();
                     cell.clicks.fetch_max(total.clicks, Ordering::SeqCst);
                     cell.saved_clicks.fetch_max(total.clicks, Ordering::SeqCst);

@@ -736,6 +736,18 @@ impl Snapshot {
     /// [`Self::lookup`], with the table slot that holds the link (stable for this snapshot's
     /// life, unique per link).
     pub fn lookup_slot(&self, code: &str) -> Option<(usize, LinkView<'_>)> {
+        let (slot, offset) = self.probe(code)?;
+        view(self.body(), offset).map(|view| (slot, view))
+    }
+
+    /// The table slot that holds `code`, without reading the rest of its record: for those who
+    /// keep state by slot (click counts) and need no field of the link.
+    pub fn slot_of(&self, code: &str) -> Option<usize> {
+        self.probe(code).map(|(slot, _)| slot)
+    }
+
+    /// The slot holding `code` and the offset of its record.
+    fn probe(&self, code: &str) -> Option<(usize, u64)> {
         let body = self.body();
         let code = code.as_bytes();
         let hash = code_hash(code);
@@ -750,7 +762,7 @@ impl Snapshot {
             if word & !TEXT_OFFSET_MASK == tag {
                 let offset = word & TEXT_OFFSET_MASK;
                 if record_code(&body.text, offset) == code {
-                    return view(body, offset).map(|view| (at, view));
+                    return Some((at, offset));
                 }
             }
             at = if at + 1 == self.slot_count { 0 } else { at + 1 };
@@ -963,11 +975,16 @@ mod tests {
         let snapshot = build(&links, &path);
         assert_eq!(snapshot.header().covered_seq, 42);
         assert_eq!(snapshot.header().link_count, 5000);
+        let mut slots = std::collections::HashSet::new();
         for l in &links {
             assert_eq!(snapshot.lookup(&l.code), Some(l.view()));
+            let slot = snapshot.slot_of(&l.code).expect("a slot");
+            assert_eq!(snapshot.lookup_slot(&l.code).map(|(at, _)| at), Some(slot));
+            assert!(slots.insert(slot), "one slot a link");
         }
         assert_eq!(snapshot.lookup("c5000"), None);
         assert_eq!(snapshot.lookup("nope"), None);
+        assert_eq!(snapshot.slot_of("c5000"), None);
         assert_eq!(snapshot.iter().count(), 5000);
     }
 
