@@ -407,13 +407,7 @@ fn the_raw_click_log_gets_every_click_as_a_json_line() {
 
 /// A snapshot cycle through the admin API, which must succeed.
 fn snapshot_now(server: &Server, admin_key: &str) {
-    let snapshot = request(
-        server.admin,
-        "POST",
-        "/admin/snapshot",
-        &[("Authorization", &format!("Bearer {admin_key}"))],
-        b"",
-    );
+    let snapshot = server.admin_call("POST", "/admin/snapshot", admin_key);
     assert_eq!(snapshot.status, 200, "{}", snapshot.text());
 }
 

@@ -636,26 +636,9 @@ fn health_openapi_metrics_and_admin_auth() {
         request(server.admin, "GET", "/admin/info", &[], b"").status,
         401
     );
-    let write = format!("Bearer {key}");
-    assert_eq!(
-        request(
-            server.admin,
-            "GET",
-            "/admin/info",
-            &[("Authorization", &write)],
-            b""
-        )
-        .status,
-        403
-    );
+    assert_eq!(server.admin_call("GET", "/admin/info", &key).status, 403);
     let admin = format!("Bearer {admin_key}");
-    let info = request(
-        server.admin,
-        "GET",
-        "/admin/info",
-        &[("Authorization", &admin)],
-        b"",
-    );
+    let info = server.admin_call("GET", "/admin/info", &admin_key);
     assert_eq!(info.status, 200);
     let info = info.json();
     assert_eq!(info["version"], env!("CARGO_PKG_VERSION"));
@@ -894,14 +877,7 @@ fn blocklist_and_private_addresses_are_refused() {
 
 /// `links_live` of /admin/info.
 fn links_live(server: &Server, admin_key: &str) -> u64 {
-    let admin = format!("Bearer {admin_key}");
-    let info = request(
-        server.admin,
-        "GET",
-        "/admin/info",
-        &[("Authorization", &admin)],
-        b"",
-    );
+    let info = server.admin_call("GET", "/admin/info", admin_key);
     assert_eq!(info.status, 200, "{}", info.text());
     info.json()["links_live"].as_u64().expect("links_live")
 }

@@ -9,7 +9,7 @@ use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{add_key, data_dir, parse_reply, raw, request, KeepAlive, Server};
+use common::{add_key, data_dir, parse_reply, raw, request, sample_server, KeepAlive, Server};
 
 #[test]
 fn every_acknowledged_create_survives_kill_9() {
@@ -94,7 +94,6 @@ fn snapshot_and_reload_under_load_fail_no_request() {
     let stop = AtomicBool::new(false);
     let served = AtomicU64::new(0);
     let failures = AtomicU64::new(0);
-    let admin = format!("Bearer {admin_key}");
     std::thread::scope(|scope| {
         for _ in 0..2 {
             scope.spawn(|| {
@@ -135,24 +134,12 @@ fn snapshot_and_reload_under_load_fail_no_request() {
                 &key,
                 &format!(r#"{{"long_url":"https://example.com/more/{round}"}}"#),
             );
-            let snapshot = request(
-                server.admin,
-                "POST",
-                "/admin/snapshot",
-                &[("Authorization", &admin)],
-                b"",
-            );
+            let snapshot = server.admin_call("POST", "/admin/snapshot", &admin_key);
             assert_eq!(snapshot.status, 200, "{}", snapshot.text());
             assert!(snapshot.json()["link_count"]
                 .as_u64()
                 .is_some_and(|count| count >= 21));
-            let reload = request(
-                server.admin,
-                "POST",
-                "/admin/reload",
-                &[("Authorization", &admin)],
-                b"",
-            );
+            let reload = server.admin_call("POST", "/admin/reload", &admin_key);
             assert_eq!(reload.status, 200, "{}", reload.text());
             assert_eq!(server.get(&format!("/{more}")).status, 302);
         }
@@ -160,14 +147,7 @@ fn snapshot_and_reload_under_load_fail_no_request() {
     });
     assert_eq!(failures.load(Ordering::Relaxed), 0);
     assert!(served.load(Ordering::Relaxed) > 0);
-    let info = request(
-        server.admin,
-        "GET",
-        "/admin/info",
-        &[("Authorization", &admin)],
-        b"",
-    )
-    .json();
+    let info = server.admin_call("GET", "/admin/info", &admin_key).json();
     assert_eq!(
         info["overlay_links"], 0,
         "the snapshot took over every write: {info}"
@@ -265,18 +245,6 @@ fn malformed_requests_get_4xx_and_the_server_keeps_serving() {
 
     let reply = server.get("/rust");
     assert_eq!(reply.status, 302, "still serving after the abuse");
-}
-
-/// A server with the quick-start link `/rust` and these flags.
-fn sample_server(flags: &[&str]) -> (tempfile::TempDir, Server) {
-    let dir = data_dir();
-    std::fs::write(
-        dir.path().join("sample-links.tsv"),
-        "rust\thttps://www.rust-lang.org/\n",
-    )
-    .expect("sample");
-    let server = Server::start(dir.path(), flags);
-    (dir, server)
 }
 
 /// With a cap of one connection, a second client is not answered while the first holds its
@@ -570,14 +538,7 @@ fn a_1_mb_url_in_a_json_body_is_413_and_the_server_keeps_serving() {
     let mut connection = KeepAlive::connect(server.public);
     assert_eq!(connection.request("GET", "/rust", &[]).status, 302);
     server.create(&key, r#"{"long_url":"https://example.com/after-1mb"}"#);
-    let admin = format!("Bearer {admin_key}");
-    let info = request(
-        server.admin,
-        "GET",
-        "/admin/info",
-        &[("Authorization", &admin)],
-        b"",
-    );
+    let info = server.admin_call("GET", "/admin/info", &admin_key);
     assert_eq!(
         info.json()["links_live"],
         3,

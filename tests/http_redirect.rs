@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{add_key, data_dir, KeepAlive, Reply, Server};
+use common::{add_key, data_dir, sample_server, KeepAlive, Reply, Server};
 
 struct Setup {
     _dir: tempfile::TempDir,
@@ -238,18 +238,6 @@ fn sigterm_closes_idle_keep_alive_connections_at_once() {
             "shutdown waited for the idle connections to time out (hyper only: {hyper_only})"
         );
     }
-}
-
-/// A server with the quick-start link `/rust` and these flags.
-fn sample_server(flags: &[&str]) -> (tempfile::TempDir, Server) {
-    let dir = data_dir();
-    std::fs::write(
-        dir.path().join("sample-links.tsv"),
-        "rust\thttps://www.rust-lang.org/\n",
-    )
-    .expect("sample");
-    let server = Server::start(dir.path(), flags);
-    (dir, server)
 }
 
 #[test]

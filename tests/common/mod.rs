@@ -195,6 +195,12 @@ impl Server {
         )
     }
 
+    /// A call to the admin listener with `key` as its bearer token and no body.
+    pub fn admin_call(&self, method: &str, path: &str, key: &str) -> Reply {
+        let auth = format!("Bearer {key}");
+        request(self.admin, method, path, &[("Authorization", &auth)], b"")
+    }
+
     pub fn with_key(&self, method: &str, path: &str, key: &str, body: &str) -> Reply {
         let mut headers = vec![("X-API-Key", key)];
         if !body.is_empty() {
@@ -341,6 +347,18 @@ pub fn request(
 /// A fresh temp data dir.
 pub fn data_dir() -> tempfile::TempDir {
     tempfile::tempdir().expect("tempdir")
+}
+
+/// A server with the quick-start link `/rust` and these flags.
+pub fn sample_server(flags: &[&str]) -> (tempfile::TempDir, Server) {
+    let dir = data_dir();
+    std::fs::write(
+        dir.path().join("sample-links.tsv"),
+        "rust\thttps://www.rust-lang.org/\n",
+    )
+    .expect("sample");
+    let server = Server::start(dir.path(), flags);
+    (dir, server)
 }
 
 /// One keep-alive HTTP/1.1 connection: requests go out without a `Connection` header (so a plain
